@@ -1,0 +1,42 @@
+# Every target sets itself up idempotently: on a fresh machine `make demo` and `make test` are all you need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The stamp changes whenever the pinned versions or the project's dependencies do, forcing a reinstall.
+STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
+TINY   := build/tiny-llama/config.json
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-all lint bench schema
+setup: $(STAMP) $(TINY)
+
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, the CPU build pinned in constraints.txt, so nothing later pulls a CUDA torch.
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,server,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(TINY): $(STAMP)
+	$(PY) -m tuneplane.devtools.tiny build/tiny-llama
+
+## The main job on the embedded default (for now: the data preflight of the tiny example job).
+demo: setup
+	$(VENV)/bin/tuneplane validate jobs/tiny-cpu.yaml
+
+## The default test suite (gpu tests skip themselves without CUDA).
+test: setup
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform tests bench
+	$(VENV)/bin/ruff format --check platform tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/data_pipeline.py
+
+schema: $(STAMP)
+	$(VENV)/bin/tuneplane spec schema --out docs/reference/tuning-spec.schema.json

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneplane.spec import SpecError, TuningSpec, json_schema, load_spec, parse_spec, parse_spec_text
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = {
+    "name": "demo",
+    "model": {"base": "s3://models/llama"},
+    "data": {"sources": [{"uri": "s3://data/a.jsonl", "format": "alpaca"}]},
+}
+
+
+def _with(**changes) -> dict:
+    spec = json.loads(json.dumps(MINIMAL))
+    for dotted, value in changes.items():
+        node = spec
+        parts = dotted.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return spec
+
+
+def _problems(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return dict(info.value.problems)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name
+    assert spec.data.sources
+
+
+def test_defaults_are_lora_zero2_and_prompt_masking() -> None:
+    spec = parse_spec(MINIMAL)
+    assert spec.method.type == "lora"
+    assert spec.distributed.zero_stage == 2
+    assert spec.data.train_on_inputs is False
+    assert spec.data.packing is True
+
+
+def test_unknown_field_is_rejected_with_its_path() -> None:
+    problems = _problems(_with(data__sources=[{"uri": "a.jsonl", "format": "alpaca", "wieght": 2}]))
+    assert problems == {"data.sources[0].wieght": "unknown field"}
+
+
+def test_wrong_enum_names_the_field() -> None:
+    problems = _problems(_with(data__sources=[{"uri": "a.jsonl", "format": "csv"}]))
+    assert list(problems) == ["data.sources[0].format"]
+    assert "alpaca" in problems["data.sources[0].format"]
+
+
+def test_method_errors_name_the_method_field_not_the_union_tag() -> None:
+    problems = _problems(_with(method={"type": "lora", "r": 0}))
+    assert list(problems) == ["method.r"]
+    problems = _problems(_with(method={"type": "partial"}))
+    assert list(problems) == ["method.last_n_layers"]
+
+
+@pytest.mark.parametrize("key", ["command", "entrypoint", "env", "secret", "password"])
+def test_commands_env_and_secrets_are_refused_anywhere(key: str) -> None:
+    problems = _problems(_with(distributed={"num_workers": 2, key: "rm -rf /"}))
+    assert list(problems) == [f"distributed.{key}"]
+    assert "platform" in problems[f"distributed.{key}"] or "secret" in problems[f"distributed.{key}"].lower()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://AKIAXXXX:secret@bucket/a.jsonl", "https://acct.blob.core.windows.net/c/a.jsonl?sv=2020&sig=abc"],
+)
+def test_credentials_in_uris_are_refused(uri: str) -> None:
+    problems = _problems(_with(data__sources=[{"uri": uri, "format": "alpaca"}]))
+    assert "data.sources[0].uri" in problems
+
+
+def test_cross_field_rules() -> None:
+    assert "distributed" in _problems(_with(distributed={"zero_stage": 2, "offload_params": True}))
+    problems = _problems(_with(data__sources=[{"uri": "a.jsonl", "format": "labeled"}]))
+    assert "templates" in problems["data.sources[0]"]
+    assert "name" in _problems(_with(name="Bad_Name"))
+    assert "distributed.memory_per_worker" in _problems(_with(distributed={"memory_per_worker": "lots"}))
+
+
+def test_bad_template_placeholder_is_named() -> None:
+    source = {
+        "uri": "a.jsonl",
+        "format": "labeled",
+        "templates": [{"prompt": "{a b}", "response": "{label}"}],
+    }
+    problems = _problems(_with(data__sources=[source]))
+    assert list(problems) == ["data.sources[0].templates[0].prompt"]
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    with pytest.raises(SpecError, match=r"^job.yaml: line 3: invalid YAML"):
+        parse_spec_text("name: x\nmodel:\n  base: : :\n  dtype: x\n", source="job.yaml")
+
+
+def test_non_mapping_document() -> None:
+    with pytest.raises(SpecError, match="mapping"):
+        parse_spec_text("- a\n- b\n")
+
+
+def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir()
+    path = tmp_path / "jobs" / "j.yaml"
+    path.write_text(
+        "name: j\nmodel: {base: ../models/tiny}\n"
+        "data: {sources: [{uri: data/*.jsonl, format: alpaca}, {uri: 's3://b/x.jsonl', format: alpaca}]}\n"
+    )
+    spec = load_spec(path)
+    assert spec.model.base == str(tmp_path / "models" / "tiny")
+    assert spec.data.sources[0].uri == str(tmp_path / "jobs" / "data" / "*.jsonl")
+    assert spec.data.sources[1].uri == "s3://b/x.jsonl"
+    hub = parse_spec_text(
+        "name: j\nmodel: {base: meta-llama/Llama-3.1-8B}\ndata: {sources: [{uri: a.jsonl, format: alpaca}]}",
+        base_dir=tmp_path,
+    )
+    assert hub.model.base == "meta-llama/Llama-3.1-8B"
+
+
+def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_json_schema_exports_and_forbids_extras() -> None:
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    assert {"name", "model", "data", "method", "distributed", "hyperparameters"} <= set(schema["properties"])
+    json.dumps(schema)  # serialisable
+
+
+def test_round_trip() -> None:
+    spec = load_spec(REPO / "jobs" / "llama3-70b-lora-zero3.yaml")
+    assert TuningSpec.model_validate(spec.to_dict()) == spec
