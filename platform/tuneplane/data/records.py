@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 from fsspec.core import url_to_fs
 
 # s3fs re-reads a block per readline on a raw binary file; a large block plus a BufferedReader streams at
-# full speed (see shared stack notes).
-READ_BLOCK_SIZE = 8 * 1024 * 1024
+# full speed (see shared stack notes). Peak memory per open file is a few blocks.
+READ_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 PARQUET_BATCH_ROWS = 1024
 
@@ -88,17 +87,72 @@ def read_records(
         yield from _read_jsonl(uri, kind, start_line)
 
 
+class _Read1Adapter(io.RawIOBase):
+    """Lets a BufferedReader pull one decompressed chunk at a time (`read1`), so a truncated stream fails
+    only when the missing bytes are needed: every complete line before the cut is still delivered."""
+
+    def __init__(self, source: Any):
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read1(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
 def _open_text_stream(uri: str, kind: str) -> io.BufferedReader:
     fs, path = url_to_fs(uri)
     raw = fs.open(path, "rb", block_size=READ_BLOCK_SIZE)
     stream: Any = raw
     if kind == "jsonl.gz":
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream = _Read1Adapter(gzip.GzipFile(fileobj=raw, mode="rb"))
     elif kind == "jsonl.zst":
+        stream = _ZstdReader(raw)
+    return io.BufferedReader(stream, buffer_size=1024 * 1024)
+
+
+class _ZstdReader(io.RawIOBase):
+    """Streaming zstd (multi-frame) that, unlike zstandard's stream_reader, notices a truncated last frame."""
+
+    def __init__(self, raw: Any, chunk: int = 1024 * 1024):
         import zstandard
 
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-    return io.BufferedReader(stream, buffer_size=1024 * 1024)
+        self._raw, self._chunk = raw, chunk
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._dobj = self._new()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            data = self._raw.read(self._chunk)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame")
+                return 0
+            while data:
+                self._in_frame = True
+                self._pending += self._dobj.decompress(data)
+                data = b""
+                if self._dobj.eof:  # frame complete; any bytes after it start the next frame
+                    data, self._dobj, self._in_frame = self._dobj.unused_data, self._new(), False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _read_jsonl(uri: str, kind: str, start_line: int) -> Iterator[RawRecord]:
@@ -148,7 +202,8 @@ def _read_parquet(uri: str, start_line: int, required_columns: tuple[str, ...]) 
     import pyarrow.parquet as pq
 
     try:
-        with fsspec.open(uri, "rb", block_size=READ_BLOCK_SIZE) as handle:
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb", block_size=READ_BLOCK_SIZE) as handle:
             try:
                 parquet = pq.ParquetFile(handle)
             except (pa.ArrowInvalid, OSError) as exc:
