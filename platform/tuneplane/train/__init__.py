@@ -1,0 +1,11 @@
+"""The training runtime: `python -m tuneplane.train --spec FILE` (the fixed entrypoint every backend runs).
+
+Public surface:
+    RunSettings   what the platform decides for a run (job id, storage, tracking, Ray address)
+    RunResult     final metrics, the registered model URI, the saved model folder
+    run           spec + settings -> a Ray Train job, followed to the end and published
+"""
+
+from tuneplane.train.launcher import RunResult, RunSettings, run
+
+__all__ = ["RunResult", "RunSettings", "run"]
