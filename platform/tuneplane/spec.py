@@ -53,6 +53,9 @@ class SpecError(ValueError):
         lines = [f"{prefix}{path}: {msg}" if path else f"{prefix}{msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str]], str | None]]:
+        return (SpecError, (self.problems, self.source))
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -189,6 +192,11 @@ class LoraMethod(_Strict):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or 'all-linear'.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] when the "
+        "template adds tokens the base model never learned.",
     )
 
 

@@ -30,6 +30,9 @@ class DataError(ValueError):
         self.uri, self.reason, self.line = uri, reason, line
         super().__init__(f"{uri}:{line}: {reason}" if line is not None else f"{uri}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:  # travels between Ray processes intact
+        return (DataError, (self.uri, self.reason, self.line))
+
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:

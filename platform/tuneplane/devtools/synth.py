@@ -1,6 +1,6 @@
 """Generate the small synthetic instruction data shipped in jobs/data (deterministic; re-run to refresh).
 
-Tasks with written instructions (reverse, sort, uppercase, count, add) in every supported record format,
+Tasks with written instructions (repeat, reverse, sort, uppercase, count, add) in every supported record format,
 a chain-of-thought arithmetic set, a FLAN-style labeled set, and held-out tasks never used in training
 (for the zero-shot test).
 
@@ -20,6 +20,11 @@ Task = Callable[[random.Random], tuple[str, str, str]]  # -> (instruction, input
 
 def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
+
+
+def repeat(rng: random.Random) -> tuple[str, str, str]:
+    w = _word(rng)
+    return rng.choice(["Repeat the word.", "Copy the word exactly."]), w, w
 
 
 def reverse(rng: random.Random) -> tuple[str, str, str]:
@@ -68,7 +73,7 @@ def double_word(rng: random.Random) -> tuple[str, str, str]:
     return "Write the word twice.", w, w + w
 
 
-TRAIN_TASKS: list[Task] = [reverse, sort_letters, uppercase, count_letters, add]
+TRAIN_TASKS: list[Task] = [repeat, reverse, sort_letters, uppercase, count_letters, add]
 HELDOUT_TASKS: list[Task] = [first_letter, double_word]
 
 
@@ -116,6 +121,14 @@ def generate(out_dir: str | Path, seed: int = 7) -> list[Path]:
         n = rng.randint(0, 999)
         labeled.append({"number": n, "label": "even" if n % 2 == 0 else "odd"})
     cot = [dict(zip(("instruction", "input", "output"), cot_arith(rng), strict=True)) for _ in range(300)]
+    # Held-out examples of the trained tasks (separate files, never in a training source).
+    alpaca_eval = [
+        dict(zip(("instruction", "input", "output"), draw(TRAIN_TASKS), strict=True)) for _ in range(200)
+    ]
+    labeled_eval = []
+    for _ in range(100):
+        n = rng.randint(0, 999)
+        labeled_eval.append({"number": n, "label": "even" if n % 2 == 0 else "odd"})
     heldout = [
         dict(zip(("instruction", "input", "output"), draw(HELDOUT_TASKS), strict=True)) for _ in range(200)
     ]
@@ -128,6 +141,8 @@ def generate(out_dir: str | Path, seed: int = 7) -> list[Path]:
         "parity-labeled.jsonl": labeled,
         "cot-arith.jsonl": cot,
         "heldout-tasks.jsonl": heldout,
+        "tasks-alpaca-eval.jsonl": alpaca_eval,
+        "parity-labeled-eval.jsonl": labeled_eval,
     }
     written = []
     for name, rows in files.items():

@@ -4,8 +4,9 @@ Public surface:
     RunSettings   what the platform decides for a run (job id, storage, tracking, Ray address)
     RunResult     final metrics, the registered model URI, the saved model folder
     run           spec + settings -> a Ray Train job, followed to the end and published
+    TrainingFailed  raised when the run fails for good, with the first worker's error as its message
 """
 
-from tuneplane.train.launcher import RunResult, RunSettings, run
+from tuneplane.train.launcher import RunResult, RunSettings, TrainingFailed, run
 
-__all__ = ["RunResult", "RunSettings", "run"]
+__all__ = ["RunResult", "RunSettings", "TrainingFailed", "run"]

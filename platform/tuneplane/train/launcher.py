@@ -34,8 +34,22 @@ class RunResult:
     model_dir: str | None
 
 
+class TrainingFailed(RuntimeError):
+    """A run that failed for good; the message is the first worker's error, without Ray's wrapping."""
+
+
 class _Terminated(Exception):
     pass
+
+
+def _unwrap(exc: Exception) -> TrainingFailed:
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return TrainingFailed(str(exc))
+    rank = min(failures)
+    cause = failures[rank]
+    cause = getattr(cause, "cause", None) or cause
+    return TrainingFailed(f"worker {rank}: {type(cause).__name__}: {cause}")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -44,6 +58,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     import ray
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -93,7 +108,10 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
                 },
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _unwrap(exc) from exc
         if result.checkpoint is None:
             raise RuntimeError("training finished without a final checkpoint")
         model_dir = Path(settings.storage_path).expanduser() / "models" / settings.job_id

@@ -63,6 +63,7 @@ def apply_method(model: torch.nn.Module, spec: TuningSpec) -> torch.nn.Module:
             lora_alpha=method.alpha,
             lora_dropout=method.dropout,
             target_modules=method.target_modules,
+            modules_to_save=method.modules_to_save or None,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)

@@ -86,6 +86,11 @@ def train_loop(config: dict[str, Any]) -> None:
         state=data_state,
     )
     tracker = _Tracker(settings, rank)
+    # Optional audit trail of which records each rank trained on at each step (data-exposure audits, tests).
+    example_log = (
+        Path(settings["example_log_dir"]) / f"rank{rank}.jsonl" if settings.get("example_log_dir") else None
+    )
+    step_keys: list[str] = []
 
     # ---------------------------------------------------------------- baseline
     if progress["base_zero_shot"] is None and spec.eval.zero_shot_sources:
@@ -117,9 +122,14 @@ def train_loop(config: dict[str, Any]) -> None:
             before = engine.global_steps
             engine.step()
             window.add(loss.item(), batch.num_tokens)
+            step_keys += [key for row in batch.keys for key in row]
             if engine.global_steps == before:
                 continue  # still accumulating
             step = engine.global_steps
+            if example_log is not None:
+                with example_log.open("a") as fh:
+                    fh.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
+            step_keys = []
             metrics = window.close(engine, device, world, flops_token, peak, scheduler)
             progress["tokens"] += metrics["tokens"]
             if step % spec.tracking.log_every_n_steps == 0 or step == total_steps:

@@ -1,0 +1,278 @@
+"""The training runtime for real: Ray Train (2 workers, gloo) + DeepSpeed ZeRO + PEFT + MLflow, on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
+from tuneplane.train import RunSettings, TrainingFailed, run
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(tiny_dir: Path, **overrides: Any) -> TuningSpec:
+    data = yaml.safe_load((REPO / "jobs" / "tiny-cpu.yaml").read_text())
+    data["model"]["base"] = str(tiny_dir)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return resolve_paths(parse_spec(data), REPO / "jobs")
+
+
+def _settings(tmp_path: Path, job_id: str, tracking: bool = True, **extra: Any) -> RunSettings:
+    return RunSettings(
+        job_id=job_id,
+        storage_path=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}" if tracking else None,
+        artifact_root=str(tmp_path / "artifacts"),
+        extra=extra,
+    )
+
+
+SHORT = {
+    "data.sources": [{"uri": "data/tasks-alpaca.jsonl", "format": "alpaca"}],
+    "data.holdout_fraction": 0.0,
+    "data.max_seq_len": 128,
+    "hyperparameters.max_steps": 6,
+    "hyperparameters.micro_batch_size": 2,
+    "hyperparameters.warmup_steps": 0,
+    "checkpointing.every_n_steps": 3,
+    "tracking.log_every_n_steps": 1,
+    "eval.zero_shot_sources": [],
+}
+
+
+def _safetensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload"), [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "zero2-offload"]
+)
+def test_zero_stages_train_and_save_a_usable_adapter(ray_local, tiny_dir, tmp_path, stage, offload) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = _spec(
+        tiny_dir, **SHORT, **{"distributed.zero_stage": stage, "distributed.offload_optimizer": offload}
+    )
+    settings = _settings(tmp_path, f"zero{stage}-{int(offload)}", tracking=stage == 2 and not offload)
+    result = run(spec, settings)
+    assert result.metrics["step"] == 6
+    adapter = Path(result.model_dir or "")
+    tensors = _safetensors(adapter)
+    # Under ZeRO-3 an ungathered save writes empty tensors: every tensor must have its full shape.
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    # LoRA trains only adapter weights (and the modules the spec asks to save in full).
+    assert all(
+        "lora_" in name or "modules_to_save" in name or "embed_tokens" in name or "lm_head" in name
+        for name in tensors
+    )
+    assert any(("lora_B" in n) and t.abs().sum() > 0 for n, t in tensors.items())  # B starts at 0: it moved
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), str(adapter))
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            torch.testing.assert_close(tuned(ids).logits, base(ids).logits)  # base weights untouched
+        assert not torch.allclose(tuned(ids).logits, base(ids).logits)
+    if settings.tracking_uri:  # the LoRA adapter, registered, loads in a fresh process through the registry
+        assert result.model_uri == "models:/tiny-cpu-adapter/1"
+        answers = _predict_in_fresh_process(
+            settings.tracking_uri, result.model_uri, ["Repeat the word.\n\nabc"]
+        )
+        assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def _predict_in_fresh_process(tracking_uri: str, model_uri: str, prompts: list[str]) -> list[str]:
+    code = (
+        f"import json, mlflow; mlflow.set_tracking_uri({tracking_uri!r}); "
+        f"m = mlflow.pyfunc.load_model({model_uri!r}); print(json.dumps(m.predict({prompts!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
+    ray_local, tiny_dir, tmp_path
+) -> None:
+    spec = _spec(
+        tiny_dir,
+        **{
+            "data.sources": [
+                {"uri": "data/tasks-alpaca.jsonl", "format": "alpaca"},
+                {
+                    "uri": "data/parity-labeled.jsonl",
+                    "format": "labeled",
+                    "templates": [{"prompt": "Is {number} even or odd?"}],
+                },
+            ],
+            # A random tiny base learns far faster with all weights trainable than through adapters.
+            "method": {"type": "full"},
+            "hyperparameters.learning_rate": 0.001,
+            "hyperparameters.lr_scheduler": "constant",
+            "hyperparameters.max_steps": 400,
+            "checkpointing.every_n_steps": 1000,
+            "tracking.log_every_n_steps": 50,
+            "eval.zero_shot_sources": [
+                {
+                    "uri": "data/parity-labeled-eval.jsonl",
+                    "format": "labeled",
+                    "templates": [{"prompt": "Is {number} even or odd?"}],
+                },
+                {"uri": "data/tasks-alpaca-eval.jsonl", "format": "alpaca"},
+            ],
+            "eval.max_examples": 50,
+        },
+    )
+    settings = _settings(tmp_path, "learn")
+    result = run(spec, settings)
+    m = result.metrics
+    assert m["zero_shot_base/mean"] <= 0.05
+    assert m["zero_shot/mean"] >= 0.25, m
+    assert m["zero_shot/parity-labeled-eval"] > 0.6, m  # above the 0.5 of guessing once the format is learned
+    assert result.model_uri == "models:/tiny-cpu-adapter/1"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run_info = client.get_run(result.run_id or "")
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.params["method.type"] == "full"
+    assert run_info.data.tags["tuneplane.job_id"] == "learn"
+    assert run_info.data.metrics["zero_shot/mean"] == pytest.approx(m["zero_shot/mean"])
+    history = client.get_metric_history(result.run_id or "", "loss")
+    assert [h.step for h in history][-1] == 400 and history[-1].value < history[0].value
+    version = client.get_model_version("tiny-cpu-adapter", "1")
+    assert version.tags["tuneplane.job_id"] == "learn"
+    assert version.tags["tuneplane.base_model"] == str(tiny_dir)
+    assert {"tuneplane.spec_hash", "tuneplane.dataset_fingerprint"} <= set(version.tags)
+
+    # A consumer in a fresh process loads models:/NAME/VERSION and generates.
+    answers = _predict_in_fresh_process(
+        settings.tracking_uri or "", "models:/tiny-cpu-adapter/1", ["Is 14 even or odd?", "Is 7 even or odd?"]
+    )
+    assert len(answers) == 2 and all(a in {"even", "odd"} for a in answers), answers
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, job_id: str, killed: list[int]) -> None:
+    import psutil
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if list((storage / job_id).glob("checkpoint_*")):
+            time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
+            for proc in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.2)
+
+
+def _trace(folder: Path) -> dict[int, list[str]]:
+    """Keys trained per step, all ranks together; a step redone after a failure keeps its last record."""
+    per_rank: dict[str, dict[int, list[str]]] = {}
+    for file in sorted(folder.glob("rank*.jsonl")):
+        for line in file.read_text().splitlines():
+            item = json.loads(line)
+            per_rank.setdefault(file.stem, {})[item["step"]] = item["keys"]
+    steps = sorted({s for trace in per_rank.values() for s in trace})
+    return {s: sorted(k for trace in per_rank.values() for k in trace.get(s, [])) for s in steps}
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint_without_repeating_data(
+    ray_local, tiny_dir, tmp_path
+) -> None:
+    from mlflow import MlflowClient
+
+    overrides = copy.deepcopy(SHORT) | {
+        "hyperparameters.max_steps": 40,
+        "checkpointing.every_n_steps": 10,
+        "distributed.max_failures": 2,
+    }
+    spec = _spec(tiny_dir, **overrides)
+    clean = run(
+        spec, _settings(tmp_path / "clean", "clean", example_log_dir=str(_mk(tmp_path / "trace-clean")))
+    )
+
+    killed: list[int] = []
+    storage = tmp_path / "faulty" / "runs"
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, "faulty", killed))
+    killer.start()
+    faulty = run(
+        spec, _settings(tmp_path / "faulty", "faulty", example_log_dir=str(_mk(tmp_path / "trace-faulty")))
+    )
+    killer.join()
+    assert killed, "no worker was killed"
+    assert faulty.metrics["step"] == 40
+
+    clean_trace, faulty_trace = _trace(tmp_path / "trace-clean"), _trace(tmp_path / "trace-faulty")
+    assert faulty_trace == clean_trace  # the same examples at every step, after the resume too
+    flat = [k for keys in faulty_trace.values() for k in keys]
+    assert len(flat) == len(set(flat))  # no example seen twice (one epoch is not exhausted in 40 steps)
+
+    def final_loss(root: Path, result) -> float:
+        client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+        return client.get_metric_history(result.run_id, "loss")[-1].value
+
+    assert final_loss(tmp_path / "faulty", faulty) == pytest.approx(
+        final_loss(tmp_path / "clean", clean), rel=1e-4
+    )
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_crash_marks_the_mlflow_run_failed(ray_local, tiny_dir, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n' * 50 + '{"instruction": "no output"}\n' * 50)
+    spec = _spec(
+        tiny_dir,
+        **(SHORT | {"data.sources": [{"uri": str(bad), "format": "alpaca"}], "distributed.max_failures": 0}),
+    )
+    settings = _settings(tmp_path, "crash")
+    with pytest.raises(TrainingFailed) as info:
+        run(spec, settings)
+    # Line 51 is rank 0's first bad record, 52 rank 1's: whichever fails first is reported.
+    assert re.search(rf"DataError: {re.escape(str(bad))}:5[12]: missing field 'output'", str(info.value))
+    assert "Traceback" not in str(info.value)
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
