@@ -22,9 +22,11 @@ $(STAMP): constraints.txt pyproject.toml
 $(TINY): $(STAMP)
 	$(PY) -m tuneplane.devtools.tiny build/tiny-llama
 
-## The main job on the embedded default (for now: the data preflight of the tiny example job).
+## The main job on the embedded default: preflight the tiny example job, train it on a local Ray (2 workers,
+## DeepSpeed ZeRO-2, LoRA), register the adapter in a local MLflow (~/.cache/tuneplane) and generate from it.
 demo: setup
-	$(VENV)/bin/tuneplane validate jobs/tiny-cpu.yaml
+	$(VENV)/bin/tuneplane validate jobs/tiny-cpu.yaml --max-records 500
+	$(PY) -m tuneplane.train --spec jobs/tiny-cpu.yaml --sample "Is 41 even or odd?"
 
 ## The default test suite (gpu tests skip themselves without CUDA).
 test: setup

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tuneplane.spec import SpecError, load_spec
-from tuneplane.train.launcher import RunSettings, run
+from tuneplane.train.launcher import RunSettings, TrainingFailed, run
 
 DEFAULT_HOME = Path(os.environ.get("TUNEPLANE_HOME", Path.home() / ".cache" / "tuneplane"))
 
@@ -36,15 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
     parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument(
+        "--sample", default=None, help="after training, generate from the registered model once"
+    )
     args = parser.parse_args(argv)
     try:
         spec = load_spec(args.spec)
     except SpecError as exc:
         print(f"invalid spec\n{exc}", file=sys.stderr)
         return 2
-    Path(args.storage_path).expanduser().mkdir(
-        parents=True, exist_ok=True
-    ) if "://" not in args.storage_path else None
+    if "://" not in args.storage_path:
+        Path(args.storage_path).expanduser().mkdir(parents=True, exist_ok=True)
     settings = RunSettings(
         job_id=args.job_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=args.storage_path,
@@ -52,13 +54,26 @@ def main(argv: list[str] | None = None) -> int:
         artifact_root=args.artifact_root,
         ray_address=args.ray_address,
     )
-    result = run(spec, settings)
-    print(
-        json.dumps(
-            {"job_id": result.job_id, "model_uri": result.model_uri, "metrics": result.metrics}, indent=2
-        )
-    )
+    try:
+        result = run(spec, settings)
+    except TrainingFailed as exc:
+        print(f"training failed: {exc}", file=sys.stderr)
+        return 1
+    summary = {"job_id": result.job_id, "model_uri": result.model_uri, "metrics": result.metrics}
+    print(json.dumps(summary, indent=2))
+    if result.model_uri and settings.tracking_uri and args.sample:
+        _show_sample(result.model_uri, settings.tracking_uri, args.sample)
     return 0
+
+
+def _show_sample(model_uri: str, tracking_uri: str, prompt: str) -> None:
+    """Load the registered model the way a consumer does and generate once."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    print(f"registered model: {model_uri}")
+    print(f"sample: {prompt!r} -> {model.predict([prompt])[0]!r}")
 
 
 if __name__ == "__main__":
