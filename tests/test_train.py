@@ -258,6 +258,28 @@ def _mk(path: Path) -> Path:
     return path
 
 
+def test_rerun_with_the_same_job_id_resumes_and_counts_the_attempt(ray_local, tiny_dir, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    spec = _spec(tiny_dir, **(SHORT | {"tracking.export_merged": True}))
+    settings = _settings(tmp_path, "again")
+    first = run(spec, settings)
+    second = run(spec, settings)  # e.g. the driver pod was replaced: same job id, same storage
+    assert first.run_id == second.run_id
+    assert first.model_uri == second.model_uri == "models:/tiny-cpu-adapter/1"  # not registered twice
+    assert second.metrics["step"] == 6  # resumed from the last checkpoint: nothing left to train
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run_info = client.get_run(second.run_id or "")
+    assert run_info.data.tags["tuneplane.attempts"] == "2"
+    assert run_info.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(second.run_id or "")}
+    assert {"data", "merged"} <= artifacts
+    report = client.download_artifacts(second.run_id or "", "data/preflight.json", str(tmp_path))
+    assert json.loads(Path(report).read_text())["sources"][0]["records"] == 2000
+    merged = {a.path for a in client.list_artifacts(second.run_id or "", "merged")}
+    assert "merged/model.safetensors" in merged  # plain weights, loadable without PEFT
+
+
 def test_a_crash_marks_the_mlflow_run_failed(ray_local, tiny_dir, tmp_path) -> None:
     from mlflow import MlflowClient
 

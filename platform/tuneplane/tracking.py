@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,13 @@ def start_job_run(spec: TuningSpec, job_id: str, tracking_uri: str, artifact_roo
     return run_id
 
 
+def log_data_report(tracking_uri: str, run_id: str, report: dict[str, Any]) -> None:
+    """The preflight report (counts, bad records, lengths, trained-token share) as a run artifact."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).log_dict(run_id, report, "data/preflight.json")
+
+
 def end_job_run(tracking_uri: str, run_id: str, status: str) -> None:
     """status: FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient
@@ -104,6 +112,11 @@ def publish_model(
     from tuneplane import pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
+    name = spec.tracking.registered_model_name
+    if name:  # a re-run of a finished job publishes nothing new
+        existing = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.`{JOB_TAG}` = '{job_id}'")
+        if existing:
+            return f"models:/{name}/{existing[0].version}"
     artifacts = {"model": str(model_dir)}
     model_config = {
         "template": spec.data.template,
@@ -118,6 +131,10 @@ def publish_model(
         )  # the embedded default: ship the base so the model is self-contained
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if spec.tracking.export_merged and is_adapter:
+            with tempfile.TemporaryDirectory() as merged:
+                _merge(artifacts.get("base") or spec.model.base, model_dir, Path(merged))
+                mlflow.log_artifacts(merged, "merged")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=pyfunc_model.AdapterModel(),
@@ -125,7 +142,6 @@ def publish_model(
             model_config=model_config,
             pip_requirements=["tuneplane", "torch", "transformers", "peft"],
         )
-    name = spec.tracking.registered_model_name
     if not name:
         return None
     version = mlflow.register_model(
@@ -139,3 +155,16 @@ def publish_model(
         },
     )
     return f"models:/{name}/{version.version}"
+
+
+def _merge(base: str, adapter_dir: Path, out: Path) -> None:
+    """Base + adapter folded into plain weights: loadable without PEFT (vLLM, TGI, transformers)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneplane.pretrained import local_copy
+
+    model = AutoModelForCausalLM.from_pretrained(str(local_copy(base)) if "://" in base else base)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))

@@ -70,6 +70,7 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     run_id = None
     if settings.tracking_uri:
         run_id = tracking.start_job_run(spec, settings.job_id, settings.tracking_uri, settings.artifact_root)
+        tracking.log_data_report(settings.tracking_uri, run_id, _data_report(spec))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     status = "FAILED"
     try:
@@ -133,6 +134,14 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         signal.signal(signal.SIGTERM, previous)
         if settings.tracking_uri and run_id:
             tracking.end_job_run(settings.tracking_uri, run_id, status)
+
+
+def _data_report(spec: TuningSpec) -> dict[str, Any]:
+    """A sampled preflight of the spec's data (what `tuneplane validate` shows), for the run's record."""
+    from tuneplane.data import preflight
+    from tuneplane.pretrained import load_tokenizer
+
+    return preflight(spec, load_tokenizer(spec.model), max_records=2000, samples=0).to_dict()
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

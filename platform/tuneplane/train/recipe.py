@@ -56,6 +56,9 @@ def train_loop(config: dict[str, Any]) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     _seed_everything(hp.seed)  # same seed on every rank: identical LoRA init before DeepSpeed broadcasts
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint and _republish_if_final(checkpoint, rank):
+        return  # a re-run of a job that already finished: hand its result back, train nothing
 
     tokenizer = load_tokenizer(spec.model)
     model = load_model(spec, on_gpu)
@@ -71,7 +74,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
     data_state: dict[str, Any] | None = None
     progress: dict[str, Any] = {"step": 0, "epochs": 0, "tokens": 0, "base_zero_shot": None}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             data_state, progress = _load_checkpoint(engine, Path(folder), rank, world)
@@ -298,6 +300,23 @@ def _load_checkpoint(
     np.random.set_state(("MT19937", np.asarray(state["rng"]["numpy"], dtype=np.uint32), 624, 0, 0.0))
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     return state["stream"], {k: meta[k] for k in ("step", "epochs", "tokens", "base_zero_shot")}
+
+
+def _republish_if_final(checkpoint: Any, rank: int) -> bool:
+    """The last checkpoint of a finished run holds the final model: report it again as this run's result."""
+    import ray.train
+
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / "final.json").exists():
+            return False
+        out = Path(tempfile.mkdtemp(prefix="tuneplane-final-"))
+        if rank == 0:
+            shutil.copytree(folder, out, dirs_exist_ok=True)
+        step = json.loads((Path(folder) / "final.json").read_text())["step"]
+    _log(rank, f"job already finished at step {step}: republishing its final checkpoint")
+    ray.train.report({"step": step, "final": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+    shutil.rmtree(out, ignore_errors=True)
+    return True
 
 
 def _save_model(engine: Any, spec: TuningSpec, tokenizer: Any, out: Path, rank: int) -> None:

@@ -1,0 +1,102 @@
+"""The recipe's pure parts: methods, DeepSpeed config, LR schedule, the empty-adapter guard, MLflow params."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneplane.spec import parse_spec
+from tuneplane.tracking import flatten
+from tuneplane.train.evaluate import check_not_empty
+from tuneplane.train.model import ParamCounts, apply_method, deepspeed_config, flops_per_token, lr_lambda
+
+
+def _spec(**extra):
+    data = {
+        "name": "u",
+        "model": {"base": "/m"},
+        "data": {"sources": [{"uri": "a.jsonl", "format": "alpaca"}]},
+    }
+    data.update(extra)
+    return parse_spec(data)
+
+
+@pytest.fixture
+def llama(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+
+
+def test_partial_trains_only_the_last_layers_norm_and_head(llama) -> None:
+    model = apply_method(llama, _spec(method={"type": "partial", "last_n_layers": 1}))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm", "lm_head")) for n in trainable)
+    assert any(n.startswith("model.layers.1.") for n in trainable)
+    assert not any(n.startswith(("model.layers.0.", "model.embed_tokens")) for n in trainable)
+
+
+def test_partial_rejects_more_layers_than_the_model_has(llama) -> None:
+    with pytest.raises(ValueError, match="last_n_layers=5 but the model has 2 layers"):
+        apply_method(llama, _spec(method={"type": "partial", "last_n_layers": 5}))
+
+
+def test_lora_makes_only_adapter_weights_trainable(llama) -> None:
+    model = apply_method(
+        llama, _spec(method={"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_follows_the_spec(stage) -> None:
+    spec = _spec(
+        distributed={"zero_stage": stage, "offload_optimizer": stage > 0, "offload_params": stage == 3},
+        hyperparameters={"micro_batch_size": 3, "gradient_accumulation_steps": 5, "max_grad_norm": 0.5},
+    )
+    gpu, cpu = deepspeed_config(spec, on_gpu=True), deepspeed_config(spec, on_gpu=False)
+    assert gpu["zero_optimization"]["stage"] == stage
+    assert gpu["train_micro_batch_size_per_gpu"] == 3 and gpu["gradient_accumulation_steps"] == 5
+    assert gpu["gradient_clipping"] == 0.5
+    assert gpu["bf16"]["enabled"] and not cpu["bf16"]["enabled"]  # dtype auto: bf16 on GPU, fp32 on CPU
+    assert ("offload_optimizer" in gpu["zero_optimization"]) == (stage > 0)
+    assert ("offload_param" in gpu["zero_optimization"]) == (stage == 3)
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    spec = _spec(hyperparameters={"warmup_steps": 10, "lr_scheduler": "cosine"})
+    f = lr_lambda(spec, total_steps=110)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(110) == pytest.approx(0.0, abs=1e-9)
+    linear = lr_lambda(_spec(hyperparameters={"lr_scheduler": "linear"}), total_steps=100)
+    assert linear(50) == pytest.approx(0.5)
+    assert lr_lambda(_spec(hyperparameters={"lr_scheduler": "constant"}), 100)(99) == 1.0
+
+
+def test_flops_per_token_is_6n_full_and_4n_lora() -> None:
+    counts = ParamCounts(total=1000, trainable=10)
+    assert flops_per_token(_spec(method={"type": "full"}), counts) == 6000
+    assert flops_per_token(_spec(), counts) == 4000
+
+
+def test_an_empty_adapter_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        {"a.lora_A.weight": torch.ones(2, 2), "a.lora_B.weight": torch.empty(0)}, tmp_path / "x.safetensors"
+    )
+    with pytest.raises(RuntimeError, match=r"tensor a\.lora_B\.weight is empty"):
+        check_not_empty(tmp_path)
+    with pytest.raises(RuntimeError, match="no weights"):
+        check_not_empty(tmp_path / "nothing")
+
+
+def test_mlflow_params_are_the_flattened_spec() -> None:
+    params = flatten(_spec(method={"type": "lora", "r": 8}).to_dict())
+    assert params["method.r"] == "8"
+    assert params["data.sources.0.uri"] == "a.jsonl"
+    assert params["distributed.zero_stage"] == "2"
+    assert all(len(v) <= 6000 for v in params.values())
