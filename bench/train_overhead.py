@@ -21,12 +21,12 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import yaml  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import yaml
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
 
-from tuneplane.spec import TuningSpec, parse_spec, resolve_paths  # noqa: E402
+from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = max(1, (os.cpu_count() or 2))
@@ -39,7 +39,12 @@ def bench_spec(model_dir: Path, steps: int, stage: int = 2, workers: int = 1) ->
     data["method"] = {"type": "full"}
     data["data"].update({"max_seq_len": 256, "holdout_fraction": 0.0})
     data["distributed"].update(
-        {"zero_stage": stage, "num_workers": workers, "cpus_per_worker": THREADS // workers, "max_failures": 0}
+        {
+            "zero_stage": stage,
+            "num_workers": workers,
+            "cpus_per_worker": THREADS // workers,
+            "max_failures": 0,
+        }
     )
     data["hyperparameters"].update({"max_steps": steps, "micro_batch_size": 4, "warmup_steps": 0})
     data["checkpointing"]["every_n_steps"] = 10**6
@@ -74,7 +79,9 @@ def bare_tokens_per_s(spec: TuningSpec) -> float:
     model = load_model(spec, on_gpu=False)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate)
-    stream = InstructionStream(spec.data, load_tokenizer(spec.model), seed=hp.seed, micro_batch_size=hp.micro_batch_size)
+    stream = InstructionStream(
+        spec.data, load_tokenizer(spec.model), seed=hp.seed, micro_batch_size=hp.micro_batch_size
+    )
     rates: list[float] = []
     batches = iter(stream)
     for step in tqdm(range(hp.max_steps or 1), desc="bare loop", leave=False, disable=None):
@@ -106,9 +113,16 @@ def _state_bytes_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     model = load_model(spec, on_gpu=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec, False))
-    stream = InstructionStream(spec.data, load_tokenizer(spec.model), rank=ctx.get_world_rank(),
-                               world_size=ctx.get_world_size(), micro_batch_size=1)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(spec, False)
+    )
+    stream = InstructionStream(
+        spec.data,
+        load_tokenizer(spec.model),
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        micro_batch_size=1,
+    )
     batch = next(iter(stream))
     engine.backward(engine(**batch.to_torch(), use_cache=False).loss)
     engine.step()
@@ -116,11 +130,15 @@ def _state_bytes_loop(config: dict[str, Any]) -> None:
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
-    params = sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p.data) for p in engine.module.parameters())
+    params = sum(
+        nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p.data) for p in engine.module.parameters()
+    )
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     states = sum(nbytes(v) for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
     # Stages 1-3 keep fp32 master partitions in the optimizer's param groups; stage 0 steps the model's own params.
-    masters = sum(nbytes(p) for g in inner.param_groups for p in g["params"]) if spec.distributed.zero_stage else 0
+    masters = (
+        sum(nbytes(p) for g in inner.param_groups for p in g["params"]) if spec.distributed.zero_stage else 0
+    )
     ray.train.report({"bytes": params + states + masters, "rank": ctx.get_world_rank()})
 
 
@@ -133,13 +151,17 @@ def state_bytes_per_rank(spec: TuningSpec, work: Path) -> float:
         train_loop_config={"spec": spec.to_dict()},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name=f"bench-zero{spec.distributed.zero_stage}", storage_path=str(work / "state")),
+        run_config=RunConfig(
+            name=f"bench-zero{spec.distributed.zero_stage}", storage_path=str(work / "state")
+        ),
     )
     return float(trainer.fit().metrics["bytes"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     import ray
@@ -162,15 +184,25 @@ def main() -> None:
         zero3 = state_bytes_per_rank(bench_spec(work / "model", 1, stage=3, workers=2), work)
         ray.shutdown()
 
-    table = Table(title=f"Training overhead ({n_params / 1e6:.1f}M params, full fine-tuning, fp32, {THREADS} threads)")
+    table = Table(
+        title=f"Training overhead ({n_params / 1e6:.1f}M params, full fine-tuning, fp32, {THREADS} threads)"
+    )
     for column in ("measure", "value", "vs", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")
     table.add_row("bare torch loop, tokens/s", f"{bare:,.0f}", "", "")
-    table.add_row("platform (Ray Train + DeepSpeed ZeRO-2, 1 worker), tokens/s", f"{platform:,.0f}",
-                  f"{platform / bare:.2f} of bare", ">= 0.9")
+    table.add_row(
+        "platform (Ray Train + DeepSpeed ZeRO-2, 1 worker), tokens/s",
+        f"{platform:,.0f}",
+        f"{platform / bare:.2f} of bare",
+        ">= 0.9",
+    )
     table.add_row("model-state bytes per rank, ZeRO-0, 2 workers", f"{zero0 / 2**20:,.1f} MiB", "", "")
-    table.add_row("model-state bytes per rank, ZeRO-3, 2 workers", f"{zero3 / 2**20:,.1f} MiB",
-                  f"{zero3 / zero0:.2f} of ZeRO-0", "~0.5")
+    table.add_row(
+        "model-state bytes per rank, ZeRO-3, 2 workers",
+        f"{zero3 / 2**20:,.1f} MiB",
+        f"{zero3 / zero0:.2f} of ZeRO-0",
+        "~0.5",
+    )
     console.print(table)
 
 

@@ -114,7 +114,9 @@ def publish_model(
     mlflow.set_tracking_uri(tracking_uri)
     name = spec.tracking.registered_model_name
     if name:  # a re-run of a finished job publishes nothing new
-        existing = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.`{JOB_TAG}` = '{job_id}'")
+        existing = mlflow.MlflowClient().search_model_versions(
+            f"name = '{name}' and tags.`{JOB_TAG}` = '{job_id}'"
+        )
         if existing:
             return f"models:/{name}/{existing[0].version}"
     artifacts = {"model": str(model_dir)}
