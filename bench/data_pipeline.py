@@ -9,9 +9,7 @@ full pipeline >= 200k tokens/s on one core, S3/local read throughput >= 0.5.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -37,45 +35,10 @@ from tuneplane.data import InstructionStream  # noqa: E402
 from tuneplane.data.records import read_records  # noqa: E402
 from tuneplane.spec import DataSpec, SourceSpec  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import make_dataset, make_tokenizer  # noqa: E402
+
 MAX_SEQ_LEN = 2048
-
-
-def _vocabulary(rng: random.Random, size: int = 6000) -> tuple[list[str], np.ndarray]:
-    words = [
-        "".join(rng.choice("etaoinshrdlcumwfgypbvk") for _ in range(rng.randint(2, 9))) for _ in range(size)
-    ]
-    zipf = 1.0 / np.arange(1, size + 1)
-    return words, zipf / zipf.sum()
-
-
-def make_dataset(folder: Path, records: int, seed: int = 0) -> Path:
-    """Alpaca-style records with a realistic length mix: log-normal prompts (median ~25 words) and responses
-    (median ~110 words, long tail), a third with an `input` field."""
-    rng = random.Random(seed)
-    nrng = np.random.default_rng(seed)
-    words, probs = _vocabulary(rng)
-
-    def text(median: float, sigma: float, cap: int) -> str:
-        n = int(min(cap, max(1, nrng.lognormal(np.log(median), sigma))))
-        return " ".join(words[i] for i in nrng.choice(len(words), n, p=probs))
-
-    path = folder / "mix.jsonl"
-    with path.open("w") as fh:
-        for _ in range(records):
-            row = {"instruction": text(25, 0.8, 400), "output": text(110, 0.9, 1400)}
-            if rng.random() < 0.33:
-                row["input"] = text(40, 0.9, 600)
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def make_tokenizer(folder: Path, corpus: Path):
-    """A 16k-vocab byte-level BPE trained on the benchmark text: about one token per word, like a real one."""
-    from tuneplane.devtools.tiny import build_tokenizer
-
-    with corpus.open() as fh:
-        texts = [" ".join(json.loads(line).values()) for _, line in zip(range(3000), fh, strict=False)]
-    return build_tokenizer(folder / "tok", texts, vocab_size=16000)
 
 
 def run_stream(spec: DataSpec, tokenizer, desc: str, micro_batch: int = 8) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -298,3 +299,48 @@ def test_a_crash_marks_the_mlflow_run_failed(ray_local, tiny_dir, tmp_path) -> N
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_sigterm_marks_the_run_killed(tiny_dir, tmp_path) -> None:
+    """The entrypoint as a backend starts it; a SIGTERM (pod deletion, cancel) ends it and marks the run KILLED."""
+    from mlflow import MlflowClient
+
+    spec = _spec(
+        tiny_dir, **(SHORT | {"hyperparameters.max_steps": 5000, "checkpointing.every_n_steps": 1000})
+    )
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.to_dict()))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "--spec",
+        str(spec_path),
+        "--job-id",
+        "term",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        tracking,
+        "--artifact-root",
+        str(tmp_path / "art"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneplane.train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = MlflowClient(tracking_uri=tracking)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            experiment = (
+                client.get_experiment_by_name("tiny-cpu") if (tmp_path / "mlflow.db").exists() else None
+            )
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and "loss" in runs[0].data.metrics:  # training is under way
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("training never started")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) != 0
+    finally:
+        proc.kill()
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"

@@ -55,13 +55,27 @@ def test_deepspeed_config_follows_the_spec(stage) -> None:
         distributed={"zero_stage": stage, "offload_optimizer": stage > 0, "offload_params": stage == 3},
         hyperparameters={"micro_batch_size": 3, "gradient_accumulation_steps": 5, "max_grad_norm": 0.5},
     )
-    gpu, cpu = deepspeed_config(spec, on_gpu=True), deepspeed_config(spec, on_gpu=False)
+    gpu, cpu = (
+        deepspeed_config(spec, on_gpu=True, world_size=4),
+        deepspeed_config(spec, on_gpu=False, world_size=4),
+    )
     assert gpu["zero_optimization"]["stage"] == stage
     assert gpu["train_micro_batch_size_per_gpu"] == 3 and gpu["gradient_accumulation_steps"] == 5
     assert gpu["gradient_clipping"] == 0.5
     assert gpu["bf16"]["enabled"] and not cpu["bf16"]["enabled"]  # dtype auto: bf16 on GPU, fp32 on CPU
     assert ("offload_optimizer" in gpu["zero_optimization"]) == (stage > 0)
     assert ("offload_param" in gpu["zero_optimization"]) == (stage == 3)
+
+
+def test_a_single_rank_runs_zero_0_unless_offloading() -> None:
+    assert (
+        deepspeed_config(_spec(distributed={"zero_stage": 3}), False, world_size=1)["zero_optimization"][
+            "stage"
+        ]
+        == 0
+    )
+    offload = _spec(distributed={"zero_stage": 2, "offload_optimizer": True})
+    assert deepspeed_config(offload, False, world_size=1)["zero_optimization"]["stage"] == 2
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,8 +53,25 @@ def _unwrap(exc: Exception) -> TrainingFailed:
     return TrainingFailed(f"worker {rank}: {type(cause).__name__}: {cause}")
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
+_terminated = threading.Event()
+_GRACE_S = 20
+
+
+def _sigterm_handler(on_kill: Any) -> Any:
+    """SIGTERM (pod deletion, cancel): record the run as KILLED at once, then unwind; if Ray holds the main
+    thread past a grace period, exit hard so the pod does not hang until SIGKILL."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if _terminated.is_set():
+            return
+        _terminated.set()
+        on_kill()
+        timer = threading.Timer(_GRACE_S, lambda: os._exit(128 + signum))
+        timer.daemon = True
+        timer.start()
+        raise _Terminated()
+
+    return handler
 
 
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
@@ -71,7 +89,8 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     if settings.tracking_uri:
         run_id = tracking.start_job_run(spec, settings.job_id, settings.tracking_uri, settings.artifact_root)
         tracking.log_data_report(settings.tracking_uri, run_id, _data_report(spec))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _terminated.clear()
+    previous = signal.getsignal(signal.SIGTERM)
     status = "FAILED"
     try:
         if not ray.is_initialized():
@@ -83,6 +102,8 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
                 include_dashboard=False,
                 log_to_driver=True,
             )
+        # After ray.init, which installs a SIGTERM handler of its own.
+        signal.signal(signal.SIGTERM, _sigterm_handler(lambda: _end_run(settings, run_id, "KILLED")))
         resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = dist_spec.gpus_per_worker
@@ -127,13 +148,20 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
             )
         status = "FINISHED"
         return RunResult(settings.job_id, final, model_uri, run_id, str(model_dir))
-    except (_Terminated, KeyboardInterrupt):
+    except (_Terminated, KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if settings.tracking_uri and run_id:
-            tracking.end_job_run(settings.tracking_uri, run_id, status)
+        if not _terminated.is_set():  # a SIGTERM has already recorded KILLED
+            _end_run(settings, run_id, status)
+
+
+def _end_run(settings: RunSettings, run_id: str | None, status: str) -> None:
+    from tuneplane import tracking
+
+    if settings.tracking_uri and run_id:
+        tracking.end_job_run(settings.tracking_uri, run_id, status)
 
 
 def _data_report(spec: TuningSpec) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def train_loop(config: dict[str, Any]) -> None:
     total_steps = hp.max_steps or _steps_for_epochs(spec, tokenizer, rank, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, on_gpu)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, on_gpu, world)
     )
 
     data_state: dict[str, Any] | None = None
