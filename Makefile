@@ -39,6 +39,7 @@ lint: $(STAMP)
 
 bench: setup
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/train_overhead.py
 
 schema: $(STAMP)
 	$(VENV)/bin/tuneplane spec schema --out docs/reference/tuning-spec.schema.json
