@@ -81,7 +81,7 @@ def measure(
                 "zero_stage": 2,
                 "num_workers": 1,
                 "gpus_per_worker": int(gpu),
-                "cpus_per_worker": 4,
+                "cpus_per_worker": 4 if gpu else 1,  # a CPU smoke run fits a 2-core machine
                 "max_failures": 0,
             },
             "hyperparameters": {"max_steps": steps, "micro_batch_size": 2, "learning_rate": 1e-5},

@@ -197,7 +197,7 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "measure" else "right")
     table.add_row("bare torch loop, tokens/s", f"{bare:,.0f}", "", "")
     table.add_row(
-        "platform (Ray Train + DeepSpeed ZeRO-2, 1 worker), tokens/s",
+        "platform (Ray Train + DeepSpeed, 1 worker), tokens/s",
         f"{platform:,.0f}",
         f"{platform / bare:.2f} of bare",
         ">= 0.9",
