@@ -146,14 +146,16 @@ def publish_model(
         )
     if not name:
         return None
+    # Tagged on the run when it was created: listing every data file again here would repeat that I/O.
+    run_tags = mlflow.MlflowClient().get_run(run_id).data.tags
     version = mlflow.register_model(
         info.model_uri,
         name,
         tags={
             JOB_TAG: job_id,
             "tuneplane.base_model": spec.model.base,
-            "tuneplane.spec_hash": spec_hash(spec),
-            "tuneplane.dataset_fingerprint": dataset_fingerprint(spec),
+            "tuneplane.spec_hash": run_tags["tuneplane.spec_hash"],
+            "tuneplane.dataset_fingerprint": run_tags["tuneplane.dataset_fingerprint"],
         },
     )
     return f"models:/{name}/{version.version}"

@@ -93,7 +93,6 @@ class BestFitPacker:
         self.buffer_size = buffer_size
         self._lengths: list[int] = []  # sorted, parallel to _examples
         self._examples: list[Example] = []
-        self._arrivals = 0
 
     def __len__(self) -> int:
         return len(self._examples)

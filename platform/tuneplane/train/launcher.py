@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -178,7 +178,3 @@ def _copy_tree(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
-
-
-def settings_dict(settings: RunSettings) -> dict[str, Any]:
-    return asdict(settings)
