@@ -22,11 +22,12 @@ $(STAMP): constraints.txt pyproject.toml
 $(TINY): $(STAMP)
 	$(PY) -m tuneplane.devtools.tiny build/tiny-llama
 
-## The main job on the embedded default: preflight the tiny example job, train it on a local Ray (2 workers,
-## DeepSpeed ZeRO-2, LoRA), register the adapter in a local MLflow (~/.cache/tuneplane) and generate from it.
+## The main job on the embedded default: preflight the tiny example job, start the API (local backend, SQLite),
+## submit the job over HTTP and follow it (local Ray, 2 workers, DeepSpeed ZeRO-2, LoRA), then load the adapter
+## it registered in the local MLflow (~/.cache/tuneplane) and generate from it.
 demo: setup
 	$(VENV)/bin/tuneplane validate jobs/tiny-cpu.yaml --max-records 500
-	$(PY) -m tuneplane.train --spec jobs/tiny-cpu.yaml --sample "Is 41 even or odd?"
+	$(VENV)/bin/tuneplane demo jobs/tiny-cpu.yaml --sample "Is 41 even or odd?"
 
 ## The default test suite (gpu tests skip themselves without CUDA).
 test: setup

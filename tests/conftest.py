@@ -101,3 +101,76 @@ def s3_bucket(moto_endpoint: str):
     fs.mkdir(bucket)
     yield fs, f"s3://{bucket}"
     fs.invalidate_cache()
+
+
+# -- control plane: databases and platform configs ------------------------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> object:
+    """A fresh PostgreSQL database on the local server for this session (skipped when none runs)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"tuneplane_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL}: {type(exc).__name__}")
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each control-plane test runs on the embedded SQLite and on a real PostgreSQL (emptied per test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tuneplane.db'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
+    engine.dispose()
+    return url
+
+
+TOKENS = {"tok-alpha": ("alpha", "member"), "tok-beta": ("beta", "member"), "tok-root": ("alpha", "admin")}
+
+
+def platform_config(home: Path, db: str, **overrides: object):
+    """Two teams (alpha, beta), one GPU pool only alpha may use, tokens from TOKENS."""
+    from tuneplane.config import hash_token, load_config
+
+    data: dict[str, object] = {
+        "home": str(home),
+        "database_url": db,
+        "teams": [
+            {
+                "name": "alpha",
+                "quota": {"max_concurrent_jobs": 1, "max_gpus": 8},
+                "gpu_pools": ["h100"],
+                "priority": 0,
+            },
+            {"name": "beta", "quota": {"max_concurrent_jobs": 2, "max_gpus": 0}, "priority": 10},
+        ],
+        "gpu_pools": {"h100": {"node_selector": {"pool": "h100"}, "accelerator_type": "H100"}},
+        "auth": {
+            "tokens": [
+                {"sha256": hash_token(t), "team": team, "role": role} for t, (team, role) in TOKENS.items()
+            ]
+        },
+        "reconcile_interval_s": 0.2,
+    }
+    data.update(overrides)
+    return load_config(overrides=data)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

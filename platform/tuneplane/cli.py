@@ -16,10 +16,14 @@ from rich.text import Text
 from tuneplane.spec import SpecError, json_schema, load_spec
 
 if TYPE_CHECKING:
+    from tuneplane.client import Client
     from tuneplane.data.preflight import PreflightReport
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Instruction tuning of LLMs on Kubernetes."
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Instruction tuning of LLMs on Kubernetes.",
 )
 spec_app = typer.Typer(no_args_is_help=True, help="Tuning spec utilities.")
 app.add_typer(spec_app, name="spec")
@@ -118,6 +122,263 @@ def _print_report(report: PreflightReport) -> None:
     for error in report.errors():
         err_console.print(f"[bold red]error[/] {error}", highlight=False)
     console.print("[green]data ok[/]" if report.ok else "[red]data has errors[/]")
+
+
+# -- the control plane ---------------------------------------------------------------------------------------
+
+Url = Annotated[str | None, typer.Option(envvar="TUNEPLANE_URL", help="API address.")]
+
+
+def _client(url: str | None) -> Client:
+    from tuneplane.client import Client
+
+    return Client(url)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    from tuneplane.client import ApiError
+
+    if isinstance(exc, ApiError):
+        err_console.print(f"[bold red]{exc.status} {exc.title}[/]", highlight=False)
+        for e in exc.errors or []:
+            err_console.print(
+                f"  {e.get('field') or '(spec)'}: {e.get('message')}", highlight=False, markup=False
+            )
+        if not exc.errors and exc.detail:
+            err_console.print(f"  {exc.detail}", highlight=False, markup=False)
+        return typer.Exit(2 if exc.status in (400, 413, 422) else 1)
+    err_console.print(f"[bold red]cannot reach the API[/]: {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8421,
+    config: Annotated[
+        Path | None, typer.Option(envvar="TUNEPLANE_CONFIG", help="Platform config YAML.")
+    ] = None,
+) -> None:
+    """Run the API and its reconciler (embedded default: local backend, SQLite, local MLflow)."""
+    import uvicorn
+
+    from tuneplane.api import create_app
+    from tuneplane.config import load_config
+
+    try:
+        cfg = load_config(config)
+    except SpecError as exc:
+        err_console.print(f"[bold red]invalid config[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON tuning spec.")],
+    wait: Annotated[bool, typer.Option(help="Follow the job to its end with a progress bar.")] = False,
+    sample: Annotated[
+        str | None, typer.Option(help="With --wait: generate from the registered model.")
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Submit a tuning job."""
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as exc:
+        err_console.print(f"[bold red]invalid spec[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+    with _client(url) as client:
+        try:
+            job = client.submit(spec)
+        except Exception as exc:
+            raise _fail(exc) from None
+        console.print(f"submitted [bold]{job['id']}[/] ({job['state']})")
+        if wait:
+            _follow(client, job["id"], sample)
+
+
+def _follow(client: Client, job_id: str, sample: str | None) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]{task.fields[state]:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.fields[max_steps]} steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, state="PENDING", loss="-", max_steps="?")
+
+        def update(job: dict, metrics: dict) -> None:
+            loss = metrics.get("latest", {}).get("loss")
+            progress.update(
+                task, total=metrics.get("max_steps") or None, completed=metrics.get("step") or 0,
+                state=job["state"], loss=f"{loss:.4f}" if loss is not None else "-",
+                max_steps=metrics.get("max_steps") or "?",
+            )  # fmt: skip
+
+        try:
+            final = client.wait(job_id, on_progress=update)
+        except Exception as exc:
+            raise _fail(exc) from None
+    style = "green" if final["state"] == "SUCCEEDED" else "red"
+    console.print(f"[{style}]{final['state']}[/] {final['message']}", highlight=False)
+    if final["state"] != "SUCCEEDED":
+        raise typer.Exit(1)
+    if final.get("model_uri"):
+        console.print(f"registered model: [bold]{final['model_uri']}[/]")
+        if sample:
+            _sample(final["model_uri"], sample)
+
+
+def _sample(model_uri: str, prompt: str) -> None:
+    """Load the registered model the way a consumer does and generate once."""
+    import mlflow
+
+    from tuneplane.config import load_config
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or load_config().tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    console.print(f"sample: {prompt!r} -> {model.predict([prompt])[0]!r}", highlight=False, markup=False)
+
+
+@app.command()
+def jobs(
+    state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 50,
+    url: Url = None,
+) -> None:
+    """List your jobs, newest first."""
+    with _client(url) as client:
+        try:
+            page = client.jobs(state=state, limit=limit)
+        except Exception as exc:
+            raise _fail(exc) from None
+    table = Table("ID", "TEAM", "STATE", "CREATED", "MESSAGE")
+    for job in page["items"]:
+        table.add_row(job["id"], job["team"], job["state"], job["created_at"][:19], job["message"][:60])
+    console.print(table)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(metavar="ID")], url: Url = None) -> None:
+    """A job's state, progress and event history."""
+    with _client(url) as client:
+        try:
+            job, events, metrics = client.job(job_id), client.events(job_id), client.metrics(job_id)
+        except Exception as exc:
+            raise _fail(exc) from None
+    console.print(
+        f"[bold]{job['id']}[/] team={job['team']} state={job['state']} {job['message']}", highlight=False
+    )
+    if metrics.get("step") is not None:
+        console.print(
+            f"step {metrics['step']}/{metrics.get('max_steps')}  loss {metrics['latest'].get('loss')}"
+        )
+    if job.get("model_uri"):
+        console.print(f"model: {job['model_uri']}")
+    for e in events:
+        change = f"{e['from_state'] or ''} -> {e['to_state']}" if e["to_state"] else e["kind"]
+        console.print(
+            f"  {e['at'][:19]}  {change:<24} {e['actor']}  {e['message']}", highlight=False, markup=False
+        )
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+    url: Url = None,
+) -> None:
+    """A job's training log."""
+    with _client(url) as client:
+        try:
+            for line in client.logs(job_id, follow=follow, tail=tail):
+                sys.stdout.write(line + "\n")
+        except Exception as exc:
+            raise _fail(exc) from None
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], url: Url = None) -> None:
+    """Cancel a job: a waiting one at once, a running one is stopped (its MLflow run marked KILLED)."""
+    with _client(url) as client:
+        try:
+            job = client.cancel(job_id)
+        except Exception as exc:
+            raise _fail(exc) from None
+    console.print(f"{job['id']}: {job['state']}" + (" (stopping)" if job["cancel_requested"] else ""))
+
+
+@app.command()
+def models(url: Url = None) -> None:
+    """Adapters your jobs registered in MLflow (load with mlflow.pyfunc.load_model(URI))."""
+    with _client(url) as client:
+        try:
+            versions = client.models()
+        except Exception as exc:
+            raise _fail(exc) from None
+    table = Table("URI", "JOB", "BASE MODEL")
+    for v in versions:
+        table.add_row(v["uri"], v["job_id"], v.get("base_model") or "")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")] = Path("jobs/tiny-cpu.yaml"),
+    sample: Annotated[str | None, typer.Option(help="Prompt for the registered model.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the embedded API.")] = 8421,
+) -> None:
+    """The main job on the embedded default: start the API (local backend), submit SPEC, follow it, sample."""
+    import threading
+
+    import uvicorn
+
+    from tuneplane.api import create_app
+    from tuneplane.config import load_config
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(load_config()), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.1)
+    if not thread.is_alive():
+        err_console.print(f"[bold red]the API could not start on port {port}[/]")
+        raise typer.Exit(1)
+    console.print(f"API on http://127.0.0.1:{port} (local backend)")
+    try:
+        submit(spec_path, wait=True, sample=sample, url=f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@app.command("token")
+def token_new(
+    team: Annotated[str, typer.Option(help="Team the token acts for.")],
+    admin: Annotated[bool, typer.Option(help="Admins see every team's jobs.")] = False,
+) -> None:
+    """Make an API token: prints the token once, and the entry (its SHA-256) for the platform config."""
+    import secrets
+
+    from tuneplane.config import hash_token
+
+    token = secrets.token_urlsafe(32)
+    console.print(f"token (give it to the team; it is not stored): {token}", highlight=False)
+    role = "admin" if admin else "member"
+    console.print(
+        f"config entry: {{sha256: {hash_token(token)}, team: {team}, role: {role}}}", highlight=False
+    )
 
 
 def main() -> None:

@@ -172,3 +172,67 @@ def _merge(base: str, adapter_dir: Path, out: Path) -> None:
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))
+
+
+# -- read side: what the control plane shows about a job (the API never writes to MLflow) ---------------------
+
+
+def find_job_run(tracking_uri: str, job_id: str) -> Any | None:
+    """The MLflow run of a job, in whichever experiment its spec named; None before training started."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return None
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def job_metrics(tracking_uri: str, job_id: str, history: bool = True) -> dict[str, Any]:
+    """Latest value of every metric, and with history each metric's (step, value) series."""
+    from mlflow import MlflowClient
+
+    run = find_job_run(tracking_uri, job_id)
+    if run is None:
+        return {"run_id": None, "status": None, "step": None, "latest": {}, "history": {}}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out: dict[str, Any] = {
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "latest": dict(run.data.metrics),
+        "history": {},
+    }
+    for key in run.data.metrics if history else [k for k in run.data.metrics if k == "loss"]:
+        series = client.get_metric_history(run.info.run_id, key)
+        out["history"][key] = [{"step": m.step, "value": m.value} for m in series]
+    loss = out["history"].get("loss") or []
+    out["step"] = max((p["step"] for p in loss), default=None)
+    if not history:
+        out["history"] = {}
+    return out
+
+
+def model_versions(tracking_uri: str, job_ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """Registered versions published by Tuneplane jobs (optionally only those of the given jobs)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = []
+    for version in client.search_model_versions(max_results=10_000):
+        job_id = version.tags.get(JOB_TAG)
+        if job_id is None or (job_ids is not None and job_id not in job_ids):
+            continue
+        out.append(
+            {
+                "name": version.name,
+                "version": int(version.version),
+                "uri": f"models:/{version.name}/{version.version}",
+                "job_id": job_id,
+                "run_id": version.run_id,
+                "base_model": version.tags.get("tuneplane.base_model"),
+                "spec_hash": version.tags.get("tuneplane.spec_hash"),
+                "created_at": version.creation_timestamp,
+            }
+        )
+    return sorted(out, key=lambda v: (v["name"], v["version"]))

@@ -1,0 +1,62 @@
+"""The one interface every backend implements: submit, status, cancel, logs for a job.
+
+The reconciler owns all job state; a backend only starts, reports on and stops what runs. `submit` is
+idempotent by job id (a second call for a job already started starts nothing), so a control plane that crashes
+between starting a job and recording it never starts it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from tuneplane.spec import TuningSpec
+
+
+class RunPhase(StrEnum):
+    PENDING = "PENDING"  # accepted by the backend, not yet running (pods scheduling, Kueue suspended)
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"  # ended by a cancel
+    MISSING = "MISSING"  # the backend knows nothing of this job
+
+
+@dataclass(frozen=True)
+class BackendJob:
+    """What a backend needs to know about a job; built by the control plane from its record."""
+
+    id: str  # a DNS-1123 label, unique; names the RayJob, the Ray Train run and the MLflow run
+    team: str
+    namespace: str
+    spec: TuningSpec
+    gpu_pool: str | None = None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    phase: RunPhase
+    message: str = ""
+    details: dict[str, Any] | None = None
+
+
+class BackendError(RuntimeError):
+    """The backend could not do what was asked; the message is safe to show (no secrets)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def submit(self, job: BackendJob) -> None: ...
+
+    def status(self, job: BackendJob) -> RunStatus: ...
+
+    def cancel(self, job: BackendJob) -> None:
+        """Stop the job and remove what the backend created for it; idempotent."""
+        ...
+
+    def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
+        """The job's log lines; with follow, keep yielding until the job ends."""
+        ...

@@ -1,0 +1,142 @@
+"""The embedded default: each job runs `python -m tuneplane.train` on this machine, on a local Ray it starts.
+
+Everything about a job lives in its folder (`home/jobs/<id>`: spec, pid, exit code, log), so an API that
+restarts finds its running jobs again. A small runner process owns the training process and records its exit
+code, which survives the API's death; the job runs in its own process group so a cancel reaches Ray's
+processes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from tuneplane.backends.base import BackendError, BackendJob, RunPhase, RunStatus
+from tuneplane.config import PlatformConfig
+
+_KILL_GRACE_S = 30  # the entrypoint marks its MLflow run KILLED within its own 20 s grace
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, config: PlatformConfig):
+        self.config = config
+        self.root = config.home / "jobs"
+
+    def job_dir(self, job: BackendJob) -> Path:
+        return self.root / job.id
+
+    def submit(self, job: BackendJob) -> None:
+        folder = self.job_dir(job)
+        if (folder / "pid").exists():  # already started: submit is idempotent
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "spec.yaml").write_text(yaml.safe_dump(job.spec.to_dict(), sort_keys=False))
+        env = {
+            **os.environ,
+            "TUNEPLANE_JOB_ID": job.id,
+            "TUNEPLANE_STORAGE_PATH": self.config.storage_path,
+            "MLFLOW_TRACKING_URI": self.config.tracking_uri,
+            "TUNEPLANE_ARTIFACT_ROOT": self.config.artifact_root,
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("RAY_ADDRESS", None)  # each local job starts its own Ray
+        try:
+            with open(folder / "train.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tuneplane.backends.local_runner", str(folder)],
+                    cwd=folder,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: survives the API, cancelled as a whole
+                )
+        except OSError as exc:
+            raise BackendError(f"cannot start the training process: {exc}") from None
+        (folder / "pid").write_text(str(proc.pid))
+
+    def status(self, job: BackendJob) -> RunStatus:
+        folder = self.job_dir(job)
+        pid_file, exit_file = folder / "pid", folder / "exit_code"
+        if not pid_file.exists():
+            return RunStatus(RunPhase.MISSING)
+        ended = exit_file.exists() or not _alive(int(pid_file.read_text()))
+        if not ended:
+            return RunStatus(RunPhase.RUNNING)
+        if (folder / "cancelled").exists():
+            return RunStatus(RunPhase.STOPPED, "cancelled")
+        if not exit_file.exists():
+            return RunStatus(RunPhase.FAILED, "the training process ended without an exit code (killed?)")
+        code = int(exit_file.read_text().strip() or "1")
+        if code == 0:
+            return RunStatus(RunPhase.SUCCEEDED)
+        return RunStatus(RunPhase.FAILED, _failure_message(folder / "train.log", code))
+
+    def cancel(self, job: BackendJob) -> None:
+        folder = self.job_dir(job)
+        pid_file = folder / "pid"
+        if not pid_file.exists() or (folder / "exit_code").exists():
+            return
+        cancelled = folder / "cancelled"
+        first = not cancelled.exists()
+        if first:
+            cancelled.write_text(str(time.time()))
+        since = time.time() - float(cancelled.read_text() or 0)
+        sig = signal.SIGTERM if first or since < _KILL_GRACE_S else signal.SIGKILL
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(pid_file.read_text()), sig)
+
+    def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
+        path = self.job_dir(job) / "train.log"
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8", errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    yield line
+                    continue
+                if not follow or self.status(job).phase not in (RunPhase.RUNNING, RunPhase.PENDING):
+                    yield from f  # whatever was written after the last read
+                    return
+                time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (our own child, not yet reaped) counts as ended.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _failure_message(log: Path, code: int) -> str:
+    """The entrypoint's own one-line reason ('training failed: worker 0: DataError: uri:line: ...')."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 64_000))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith(("training failed:", "invalid spec")):
+            return line.strip()
+    return f"the training process exited with code {code}"

@@ -1,0 +1,26 @@
+"""Runs one local job's training process and records its exit code: `python -m tuneplane.backends.local_runner DIR`.
+
+It outlives the API that started it, so the exit code is never lost. SIGTERM (a cancel) reaches the whole
+process group; the runner ignores it and waits for the training process, which marks its run KILLED.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(folder: Path) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cmd = [sys.executable, "-m", "tuneplane.train", "--spec", str(folder / "spec.yaml")]
+    code = subprocess.call(cmd, cwd=folder, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    tmp = folder / "exit_code.tmp"
+    tmp.write_text(str(code))
+    tmp.rename(folder / "exit_code")  # atomic: a reader never sees a half-written code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

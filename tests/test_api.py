@@ -1,0 +1,165 @@
+"""The job-submission API over its ASGI interface: errors, idempotency, isolation, probes (SQLite + PostgreSQL)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import REPO, bearer, platform_config
+from tuneplane.api import create_app
+from tuneplane.spec import load_spec
+
+ALPHA, BETA, ROOT = bearer("tok-alpha"), bearer("tok-beta"), bearer("tok-root")
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    return load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
+
+
+@pytest.fixture
+def api(tmp_path: Path, db_url: str):
+    app = create_app(platform_config(tmp_path, db_url), run_reconciler=False)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_submit_returns_a_pending_job_and_records_the_event(api: TestClient, spec: dict) -> None:
+    r = api.post("/v1/jobs", json=spec, headers=ALPHA)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "PENDING" and job["team"] == "alpha" and job["name"] == "tiny-cpu"
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert api.get(f"/v1/jobs/{job['id']}", headers=ALPHA).json()["spec"] == spec
+    events = api.get(f"/v1/jobs/{job['id']}/events", headers=ALPHA).json()
+    assert [(e["to_state"], e["actor"]) for e in events] == [("PENDING", "alpha")]
+
+
+def test_idempotency_key_never_creates_a_second_job(api: TestClient, spec: dict) -> None:
+    headers = {**ALPHA, "Idempotency-Key": "retry-1"}
+    first = api.post("/v1/jobs", json=spec, headers=headers)
+    again = api.post("/v1/jobs", json=spec, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert len(api.get("/v1/jobs", headers=ALPHA).json()["items"]) == 1
+    other = copy.deepcopy(spec)
+    other["hyperparameters"]["max_steps"] = 7
+    clash = api.post("/v1/jobs", json=other, headers=headers)
+    assert clash.status_code == 409 and "Idempotency-Key" in clash.json()["detail"]
+    # The same key from another team is another request.
+    assert api.post("/v1/jobs", json=spec, headers={**BETA, "Idempotency-Key": "retry-1"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda s: s["distributed"].update(num_workers=0), "distributed.num_workers"),
+        (lambda s: s["data"]["sources"][0].update(uri="data/x.jsonl"), "data.sources[0].uri"),
+        (lambda s: s.update(command="rm -rf /"), "command"),
+        (lambda s: s["hyperparameters"].update(learning_rate="fast"), "hyperparameters.learning_rate"),
+        (lambda s: s["distributed"].update(gpu_pool="a100"), "distributed.gpu_pool"),
+    ],
+)
+def test_bad_specs_are_422_problems_naming_the_field(api: TestClient, spec: dict, edit, field: str) -> None:
+    bad = copy.deepcopy(spec)
+    edit(bad)
+    r = api.post("/v1/jobs", json=bad, headers=ALPHA)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert field in [e["field"] for e in r.json()["errors"]], r.json()
+    assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []  # nothing was created
+
+
+def test_team_policy_pools_and_gpu_quota(tmp_path: Path, spec: dict) -> None:
+    config = platform_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db'}",
+        backend="kuberay",
+        kuberay={"api_server": "http://127.0.0.1:9"},
+    )
+    gpu = copy.deepcopy(spec)
+    gpu["distributed"].update(gpus_per_worker=1, gpu_pool="h100", num_workers=2)
+    with TestClient(create_app(config, run_reconciler=False)) as api:
+        assert api.post("/v1/jobs", json=gpu, headers=ALPHA).status_code == 201
+        refused = api.post("/v1/jobs", json=gpu, headers=BETA)  # beta may not use h100 and has 0 GPUs
+        assert refused.status_code == 422
+        fields = {e["field"]: e["message"] for e in refused.json()["errors"]}
+        assert "may not use pool" in fields["distributed.gpu_pool"]
+        assert "quota is 0" in fields["distributed.gpus_per_worker"]
+
+
+def test_malformed_bodies_and_size_limit(api: TestClient) -> None:
+    r = api.post("/v1/jobs", content=b"{not json", headers={**ALPHA, "content-type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert api.post("/v1/jobs", json=[1, 2], headers=ALPHA).status_code == 422
+    huge = api.post("/v1/jobs", content=b"x" * (2 << 20), headers=ALPHA)
+    assert huge.status_code == 413 and huge.json()["title"] == "request too large"
+
+
+def test_authentication_is_required(api: TestClient, spec: dict) -> None:
+    assert api.get("/v1/jobs").status_code == 401
+    assert api.get("/v1/jobs", headers=bearer("nope")).status_code == 401
+    assert api.post("/v1/jobs", json=spec, headers={"Authorization": "Basic abc"}).status_code == 401
+    assert api.get("/healthz").status_code == 200  # probes are open
+
+
+def test_teams_are_isolated_and_admins_see_all(api: TestClient, spec: dict) -> None:
+    a = api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"]
+    b = api.post("/v1/jobs", json=spec, headers=BETA).json()["id"]
+    assert [j["id"] for j in api.get("/v1/jobs", headers=ALPHA).json()["items"]] == [a]
+    assert [j["id"] for j in api.get("/v1/jobs", headers=BETA).json()["items"]] == [b]
+    for path in (f"/v1/jobs/{a}", f"/v1/jobs/{a}/events", f"/v1/jobs/{a}/logs", f"/v1/jobs/{a}/metrics"):
+        assert api.get(path, headers=BETA).status_code == 404, path  # same answer as for a missing job
+    assert api.post(f"/v1/jobs/{a}/cancel", headers=BETA).status_code == 404
+    assert api.get(f"/v1/jobs/{a}", headers=ALPHA).json()["state"] == "PENDING"
+    assert {j["id"] for j in api.get("/v1/jobs", headers=ROOT).json()["items"]} == {a, b}
+    assert [j["id"] for j in api.get("/v1/jobs?team=beta", headers=ROOT).json()["items"]] == [b]
+
+
+def test_listing_filters_and_pages(api: TestClient, spec: dict) -> None:
+    ids = [api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"] for _ in range(5)]
+    api.post(f"/v1/jobs/{ids[0]}/cancel", headers=ALPHA)
+    page1 = api.get("/v1/jobs?limit=2", headers=ALPHA).json()
+    page2 = api.get(f"/v1/jobs?limit=2&offset={page1['next_offset']}", headers=ALPHA).json()
+    page3 = api.get(f"/v1/jobs?limit=2&offset={page2['next_offset']}", headers=ALPHA).json()
+    seen = [j["id"] for p in (page1, page2, page3) for j in p["items"]]
+    assert sorted(seen) == sorted(ids) and page3["next_offset"] is None
+    cancelled = api.get("/v1/jobs?state=CANCELLED", headers=ALPHA).json()["items"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert api.get("/v1/jobs?state=BOGUS", headers=ALPHA).status_code == 422
+
+
+def test_cancel_of_a_waiting_job_is_immediate_and_final(api: TestClient, spec: dict) -> None:
+    job = api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"]
+    r = api.post(f"/v1/jobs/{job}/cancel", headers=ALPHA)
+    assert r.status_code == 202 and r.json()["state"] == "CANCELLED"
+    assert api.post(f"/v1/jobs/{job}/cancel", headers=ALPHA).json()["state"] == "CANCELLED"  # idempotent
+    events = api.get(f"/v1/jobs/{job}/events", headers=ALPHA).json()
+    assert [e["to_state"] for e in events] == ["PENDING", "CANCELLED"]
+
+
+def test_probes_metrics_and_openapi(api: TestClient, spec: dict) -> None:
+    api.post("/v1/jobs", json=spec, headers=ALPHA)
+    assert api.get("/readyz").status_code == 200
+    text = api.get("/metrics").text
+    assert 'tuneplane_jobs{state="PENDING"} 1.0' in text
+    assert "tuneplane_http_requests_total" in text
+    schema = api.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}/cancel", "/v1/validate", "/v1/models"} <= set(schema["paths"])
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "hyperparameters" in body["properties"]  # the spec's own JSON Schema is published
+
+
+def test_validate_is_a_dry_run(api: TestClient, spec: dict) -> None:
+    r = api.post("/v1/validate?max_records=50", json=spec, headers=ALPHA)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["ok"] and report["data"]["sources"], report["problems"]
+    missing = copy.deepcopy(spec)
+    missing["data"]["sources"][1]["uri"] = "/nonexistent/tasks.jsonl"
+    bad = api.post("/v1/validate", json=missing, headers=ALPHA).json()
+    assert not bad["ok"] and bad["problems"][0]["field"] == "data.sources[1].uri"
+    assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []

@@ -1,0 +1,245 @@
+"""The control loop over a backend that records what it is asked (SQLite and PostgreSQL): validation, quota,
+priority, following, cancel, deadline, restart, and two replicas sharing one PostgreSQL database."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import REPO, platform_config
+from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.reconciler import Reconciler
+from tuneplane.spec import load_spec
+from tuneplane.store import Database, Job, Principal, cancel_job, create_job
+
+ALPHA, BETA = Principal("alpha"), Principal("beta")
+
+
+class RecordingBackend:
+    """Plays a cluster: remembers submits and cancels; the test sets each job's phase."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.submits: Counter[str] = Counter()
+        self.cancels: Counter[str] = Counter()
+        self.phase: dict[str, RunStatus] = {}
+
+    def submit(self, job: BackendJob) -> None:
+        with self.lock:
+            self.submits[job.id] += 1
+            self.phase.setdefault(job.id, RunStatus(RunPhase.PENDING))
+
+    def status(self, job: BackendJob) -> RunStatus:
+        return self.phase.get(job.id, RunStatus(RunPhase.MISSING))
+
+    def cancel(self, job: BackendJob) -> None:
+        self.cancels[job.id] += 1
+        self.phase[job.id] = RunStatus(RunPhase.STOPPED)
+
+    def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
+        return iter(())
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+
+
+@pytest.fixture
+def plane(tmp_path: Path, db_url: str):
+    config = platform_config(tmp_path, db_url)
+    db = Database(db_url)
+    db.migrate()
+    backend = RecordingBackend()
+    yield Reconciler(db, backend, config), db, backend
+    db.engine.dispose()
+
+
+def submit(db: Database, who: Principal, spec, priority: int = 0) -> str:
+    with db.session() as s:
+        return create_job(s, who, spec, priority)[0].id
+
+
+def states(db: Database) -> dict[str, str]:
+    with db.session() as s:
+        return {j.id: j.state for j in s.scalars(select(Job))}
+
+
+def history(db: Database, job_id: str) -> list[str]:
+    with db.session() as s:
+        return [e.to_state for e in s.get(Job, job_id).events if e.to_state]
+
+
+def test_a_job_goes_through_every_state_to_success(plane, spec) -> None:
+    rec, db, backend = plane
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    assert states(db)[job] == "SUBMITTED" and backend.submits[job] == 1
+    rec.run_once()
+    assert states(db)[job] == "SUBMITTED"  # the backend still says PENDING
+    backend.phase[job] = RunStatus(RunPhase.RUNNING)
+    rec.run_once()
+    backend.phase[job] = RunStatus(RunPhase.SUCCEEDED)
+    rec.run_once()
+    assert history(db, job) == ["PENDING", "VALIDATING", "QUEUED", "SUBMITTED", "RUNNING", "SUCCEEDED"]
+    with db.session() as s:
+        record = s.get(Job, job)
+        assert record.finished_at is not None and len(record.attempts) == 1
+        assert record.attempts[0].outcome == "SUCCEEDED"
+    assert backend.submits[job] == 1
+
+
+def test_unreachable_data_fails_validation_naming_the_field(plane, spec) -> None:
+    rec, db, backend = plane
+    sources = [
+        s.model_copy(update={"uri": "/nowhere/x.jsonl"}) if i == 2 else s
+        for i, s in enumerate(spec.data.sources)
+    ]
+    bad = spec.model_copy(update={"data": spec.data.model_copy(update={"sources": sources})})
+    job = submit(db, ALPHA, bad)
+    rec.run_once()
+    with db.session() as s:
+        record = s.get(Job, job)
+        assert record.state == "FAILED" and record.message.startswith("data.sources[2].uri: /nowhere/x.jsonl")
+    assert not backend.submits
+
+
+def test_quota_holds_jobs_back_until_the_team_has_room(plane, spec) -> None:
+    rec, db, backend = plane  # alpha may run 1 job at once
+    first, second = submit(db, ALPHA, spec), submit(db, ALPHA, spec)
+    rec.run_once()
+    assert states(db) == {first: "SUBMITTED", second: "QUEUED"}
+    rec.run_once()
+    assert states(db)[second] == "QUEUED" and backend.submits[second] == 0
+    backend.phase[first] = RunStatus(RunPhase.FAILED, "worker 0: DataError: x.jsonl:3: bad json")
+    rec.run_once()
+    assert states(db) == {first: "FAILED", second: "SUBMITTED"}  # terminal jobs release quota
+    with db.session() as s:
+        assert s.get(Job, first).message == "worker 0: DataError: x.jsonl:3: bad json"
+
+
+def test_higher_priority_teams_go_first_and_a_full_team_does_not_block_others(tmp_path, db_url, spec) -> None:
+    config = platform_config(tmp_path, db_url, local={"max_concurrent_jobs": 2})
+    db = Database(db_url)
+    db.migrate()
+    backend = RecordingBackend()
+    backend.name = "local"  # the local backend has a machine-wide limit (2 here)
+    rec = Reconciler(db, backend, config)
+    a1, a2 = submit(db, ALPHA, spec, priority=0), submit(db, ALPHA, spec, priority=0)
+    b1, b2, b3 = (submit(db, BETA, spec, priority=10) for _ in range(3))
+    rec.run_once()
+    assert {j for j, s in states(db).items() if s == "SUBMITTED"} == {b1, b2}  # beta first, 2 slots
+    backend.phase[b1] = RunStatus(RunPhase.SUCCEEDED)
+    rec.run_once()
+    assert states(db)[b3] == "SUBMITTED"  # still beta: higher priority
+    backend.phase[b2] = backend.phase[b3] = RunStatus(RunPhase.SUCCEEDED)
+    rec.run_once()
+    assert states(db)[a1] == "SUBMITTED" and states(db)[a2] == "QUEUED"  # alpha: 1 at once
+    db.engine.dispose()
+
+
+def test_cancel_stops_the_backend_job_then_records_cancelled(plane, spec) -> None:
+    rec, db, backend = plane
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    backend.phase[job] = RunStatus(RunPhase.RUNNING)
+    rec.run_once()
+    with db.session() as s:
+        assert cancel_job(s, ALPHA, job).state == "RUNNING"  # a running job is stopped by the reconciler
+    rec.run_once()
+    assert backend.cancels[job] >= 1 and states(db)[job] == "CANCELLED"
+
+
+def test_a_job_past_its_deadline_is_stopped_and_failed(tmp_path, db_url, spec) -> None:
+    config = platform_config(tmp_path, db_url, max_job_duration_s=1)
+    db = Database(db_url)
+    db.migrate()
+    backend = RecordingBackend()
+    rec = Reconciler(db, backend, config)
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    backend.phase[job] = RunStatus(RunPhase.RUNNING)
+    threading.Event().wait(1.5)
+    rec.run_once()
+    with db.session() as s:
+        record = s.get(Job, job)
+        assert record.state == "FAILED" and "max_job_duration_s" in record.message
+    assert backend.cancels[job] == 1
+    db.engine.dispose()
+
+
+def test_a_job_the_backend_lost_is_failed(plane, spec) -> None:
+    rec, db, backend = plane
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    del backend.phase[job]
+    rec.run_once()
+    with db.session() as s:
+        assert s.get(Job, job).state == "FAILED"
+        assert "no record of this job" in s.get(Job, job).message
+
+
+def test_a_restarted_control_plane_continues_without_resubmitting(plane, spec) -> None:
+    rec, db, backend = plane
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    backend.phase[job] = RunStatus(RunPhase.RUNNING)
+    restarted = Reconciler(Database(db.url), backend, rec.config)  # a new process: nothing kept in memory
+    restarted.run_once()
+    backend.phase[job] = RunStatus(RunPhase.SUCCEEDED)
+    restarted.run_once()
+    assert states(db)[job] == "SUCCEEDED" and backend.submits[job] == 1
+    restarted.db.engine.dispose()
+
+
+def test_two_replicas_on_postgresql_submit_each_job_once_within_quota(tmp_path, postgres_url, spec) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
+    engine.dispose()
+    config = platform_config(tmp_path, postgres_url, teams=[
+        {"name": "alpha", "quota": {"max_concurrent_jobs": 3, "max_gpus": 0}},
+        {"name": "beta", "quota": {"max_concurrent_jobs": 2, "max_gpus": 0}},
+    ])  # fmt: skip
+    db = Database(postgres_url)
+    db.migrate()
+    backend = RecordingBackend()
+    ids = [submit(db, ALPHA if i % 2 else BETA, spec) for i in range(24)]
+    replicas = [Reconciler(Database(postgres_url), backend, config) for _ in range(2)]
+    over_quota: list[str] = []
+
+    def finish_some_and_check() -> None:
+        with db.session() as s:
+            active = Counter(
+                j.team for j in s.scalars(select(Job).where(Job.state.in_(["SUBMITTED", "RUNNING"])))
+            )
+        if active["alpha"] > 3 or active["beta"] > 2:
+            over_quota.append(str(active))
+        for job_id, status in list(backend.phase.items()):
+            if status.phase == RunPhase.PENDING:
+                backend.phase[job_id] = RunStatus(RunPhase.SUCCEEDED)
+
+    for _ in range(40):
+        threads = [threading.Thread(target=r.run_once) for r in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        finish_some_and_check()
+        if all(s == "SUCCEEDED" for s in states(db).values()):
+            break
+    assert all(states(db)[i] == "SUCCEEDED" for i in ids), states(db)
+    assert set(backend.submits.values()) == {1}, "a job was submitted twice"
+    assert not over_quota
+    for r in replicas:
+        r.db.engine.dispose()
+    db.engine.dispose()
