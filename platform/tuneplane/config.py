@@ -103,6 +103,9 @@ class KubeRayBackend(_Strict):
         description="Environment of the job's pods taken from Secrets, e.g. AWS_ACCESS_KEY_ID.",
     )
     tracking_uri: str = Field("http://tuneplane-mlflow:5000", description="MLflow as seen from the cluster.")
+    artifact_root: str | None = Field(
+        None, description="MLflow artifact location for new experiments (default: the tracking server's)."
+    )
     kueue: Kueue = Field(default_factory=Kueue)
     kubeconfig: Path | None = Field(None, description="Outside a cluster; in one, the pod's service account.")
     api_server: str | None = Field(None, description="Kubernetes API URL override (tests).")
@@ -125,6 +128,9 @@ class PlatformConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     local: LocalBackend = Field(default_factory=LocalBackend)
     kuberay: KubeRayBackend = Field(default_factory=KubeRayBackend)
+    validate_data: bool = Field(
+        True, description="Check that a job's data and model exist before queueing it (needs storage access)."
+    )
     reconcile_interval_s: float = Field(2.0, gt=0)
     max_job_duration_s: int = Field(7 * 24 * 3600, gt=0, description="A job running longer is failed.")
     max_request_bytes: int = Field(1 << 20, gt=0)

@@ -50,6 +50,27 @@ class Reconciler:
             self.wake.wait(self.config.reconcile_interval_s)
             self.wake.clear()
 
+    def watch_backend(self, stop: threading.Event) -> None:
+        """Wake the loop as soon as the backend reports a change (a KubeRay watch per team namespace); the
+        periodic pass stays as the fallback, so a dropped watch only delays, never loses, an update."""
+        watch = getattr(self.backend, "watch", None)
+        if watch is None:
+            return
+
+        def follow(namespace: str) -> None:
+            while not stop.is_set():
+                try:
+                    for _ in watch(namespace, timeout_seconds=60):
+                        self.wake.set()
+                        if stop.is_set():
+                            return
+                except Exception as exc:  # the API server went away: retry after a pause
+                    log.warning("watch of %s ended: %s", namespace, exc)
+                    stop.wait(5)
+
+        for namespace in sorted({t.namespace for t in self.config.teams}):
+            threading.Thread(target=follow, args=(namespace,), name=f"watch-{namespace}", daemon=True).start()
+
     def run_once(self) -> None:
         self.validate_new()
         self.follow_active()
@@ -66,7 +87,8 @@ class Reconciler:
                 if job.state == JobState.PENDING:
                     transition(s, job, JobState.VALIDATING, self.actor)
                 spec_dict = job.spec
-            problem = check_reachable(spec_dict)  # slow I/O: outside any transaction
+            # Slow I/O: outside any transaction. Off when only the job's pods hold the storage credentials.
+            problem = check_reachable(spec_dict) if self.config.validate_data else None
             with self.db.session() as s:
                 job = self._lock(s, job_id)
                 if job is None or job.state != JobState.VALIDATING:
@@ -220,6 +242,8 @@ def check_reachable(spec_dict: dict) -> str | None:
                 expand(source.uri)
             except DataError as exc:
                 return f"{field}[{i}].uri: {exc}"
+            except Exception as exc:  # the storage client's own errors (credentials, network)
+                return f"{field}[{i}].uri: {source.uri}: cannot list: {type(exc).__name__}: {exc}"
     base = spec.model.base
     if is_local_path(base) and base.startswith(("/", "~")) and not os.path.isdir(os.path.expanduser(base)):
         return f"model.base: {base}: no such folder"

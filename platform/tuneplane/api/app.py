@@ -53,6 +53,7 @@ def create_app(
                 target=reconciler.run_forever, args=(stop,), name="reconciler", daemon=True
             )
             thread.start()
+            reconciler.watch_backend(stop)
         yield
         stop.set()
         reconciler.wake.set()

@@ -71,7 +71,9 @@ class LocalBackend:
         pid_file, exit_file = folder / "pid", folder / "exit_code"
         if not pid_file.exists():
             return RunStatus(RunPhase.MISSING)
-        ended = exit_file.exists() or not _alive(int(pid_file.read_text()))
+        pid = int(pid_file.read_text())
+        _reap(pid)
+        ended = exit_file.exists() or not _alive(pid)
         if not ended:
             return RunStatus(RunPhase.RUNNING)
         if (folder / "cancelled").exists():
@@ -111,6 +113,14 @@ class LocalBackend:
                     yield from f  # whatever was written after the last read
                     return
                 time.sleep(0.5)
+
+
+def _reap(pid: int) -> None:
+    """Collect the runner's exit if this process started it, so no zombie is left in the job's group."""
+    with contextlib.suppress(
+        ChildProcessError
+    ):  # not our child (started before an API restart): init reaps it
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _alive(pid: int) -> bool:

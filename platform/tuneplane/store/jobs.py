@@ -46,8 +46,9 @@ def request_hash(spec: dict[str, Any]) -> str:
 
 
 def new_job_id(name: str) -> str:
-    # The id names the RayJob, its pods' prefix and the Ray Train run: a DNS label with room for suffixes.
-    return f"{name[:40].rstrip('-')}-{secrets.token_hex(4)}"
+    # The id names the RayJob, its pods' prefix and the Ray Train run: KubeRay refuses RayJob names over 47
+    # characters (it derives longer names from them).
+    return f"{name[:38].rstrip('-')}-{secrets.token_hex(4)}"
 
 
 def create_job(

@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--artifact-root",
-        default=os.environ.get("TUNEPLANE_ARTIFACT_ROOT", str(DEFAULT_HOME / "mlartifacts")),
+        default=os.environ.get("TUNEPLANE_ARTIFACT_ROOT"),
+        help="MLflow artifact location for new experiments (default: next to a local tracking database)",
     )
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
+    parser.add_argument("--accelerator-type", default=os.environ.get("TUNEPLANE_ACCELERATOR_TYPE"))
     parser.add_argument("--no-tracking", action="store_true")
     parser.add_argument(
         "--sample", default=None, help="after training, generate from the registered model once"
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         job_id=args.job_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=args.storage_path,
         tracking_uri=None if args.no_tracking else args.tracking_uri,
-        artifact_root=args.artifact_root,
+        artifact_root=args.artifact_root or _local_artifact_root(args.tracking_uri),
         ray_address=args.ray_address,
+        accelerator_type=args.accelerator_type,
     )
     try:
         result = run(spec, settings)
@@ -64,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.model_uri and settings.tracking_uri and args.sample:
         _show_sample(result.model_uri, settings.tracking_uri, args.sample)
     return 0
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """A local tracking database keeps artifacts in the platform's home; a tracking server decides itself."""
+    return str(DEFAULT_HOME / "mlartifacts") if tracking_uri.startswith(("sqlite:", "file:")) else None
 
 
 def _show_sample(model_uri: str, tracking_uri: str, prompt: str) -> None:

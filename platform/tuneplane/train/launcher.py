@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tuneplane.spec import TuningSpec
+from tuneplane.spec import TuningSpec, is_local_path
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class RunSettings:
     tracking_uri: str | None = None  # MLflow; None disables tracking
     artifact_root: str | None = None  # MLflow artifact location for new experiments
     ray_address: str | None = None  # None: start (or join) a local Ray
+    accelerator_type: str | None = None  # from the job's GPU pool, e.g. "H100"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,7 +116,10 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
                 "settings": {"run_id": run_id, "tracking_uri": settings.tracking_uri, **settings.extra},
             },
             scaling_config=ScalingConfig(
-                num_workers=dist_spec.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+                num_workers=dist_spec.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
+                accelerator_type=settings.accelerator_type if use_gpu else None,
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
@@ -136,7 +141,9 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
             raise _unwrap(exc) from exc
         if result.checkpoint is None:
             raise RuntimeError("training finished without a final checkpoint")
-        model_dir = Path(settings.storage_path).expanduser() / "models" / settings.job_id
+        # The published copy is made from a local folder; with run storage on object storage, a local one.
+        local_root = settings.storage_path if is_local_path(settings.storage_path) else tempfile.gettempdir()
+        model_dir = Path(local_root).expanduser() / "models" / settings.job_id
         with result.checkpoint.as_directory() as folder:
             final = json.loads((Path(folder) / "final.json").read_text())
             _copy_tree(Path(folder) / "model", model_dir)

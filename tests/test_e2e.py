@@ -1,0 +1,191 @@
+"""End to end over HTTP: a real API server (uvicorn, SQLite, local backend) running real training jobs.
+
+Submit -> SUCCEEDED -> adapter listed in the registry, with the API killed and restarted mid-job; cancel mid-run
+-> CANCELLED, the job's processes gone, its MLflow run KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import REPO, TOKENS, _free_port
+from tuneplane.client import Client
+from tuneplane.config import hash_token
+from tuneplane.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+
+class Server:
+    """`tuneplane serve` in its own process, so a test can kill it like a crashed pod."""
+
+    def __init__(self, home: Path):
+        self.home, self.port = home, _free_port()
+        self.config = home / "platform.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "home": str(home),
+                    "teams": [{"name": "alpha"}, {"name": "beta"}],
+                    "auth": {
+                        "tokens": [
+                            {"sha256": hash_token(t), "team": team, "role": role}
+                            for t, (team, role) in TOKENS.items()
+                        ]
+                    },
+                    "reconcile_interval_s": 0.5,
+                }
+            )
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.home / f"api-{time.time():.0f}.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneplane.cli", "serve", "--port", str(self.port), "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with Client(self.url, token="tok-alpha") as c:
+                    c._http.get("/readyz").raise_for_status()
+                return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError("API did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = Server(tmp_path)
+    srv.start()
+    yield srv
+    if srv.proc and srv.proc.poll() is None:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+    for pid_file in (tmp_path / "jobs").glob("*/pid"):  # leave no training behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def quick_spec(tmp_path: Path, tiny_dir: Path, max_steps: int) -> Path:
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
+    spec["model"]["base"] = str(tiny_dir)
+    spec["hyperparameters"].update(max_steps=max_steps, warmup_steps=2)
+    spec["checkpointing"]["every_n_steps"] = 20
+    spec["tracking"].update(log_every_n_steps=2, registered_model_name="e2e-adapter")
+    spec["eval"]["zero_shot_sources"] = []
+    path = tmp_path / f"spec-{max_steps}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_for(client: Client, job_id: str, predicate, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)
+        if predicate(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(
+        f"timed out; last state {client.job(job_id)['state']}: {client.job(job_id)['message']}"
+    )
+
+
+def test_job_survives_an_api_crash_and_registers_its_adapter(
+    server: Server, tmp_path: Path, tiny_dir: Path
+) -> None:
+    with Client(server.url, token="tok-alpha") as client:
+        job_id = client.submit(quick_spec(tmp_path, tiny_dir, max_steps=60))["id"]
+        wait_for(client, job_id, lambda j: j["state"] == "RUNNING")
+    server.kill()  # like a crashed pod: no shutdown hooks
+    time.sleep(2)
+    server.start()
+    with Client(server.url, token="tok-alpha") as client:
+        final = client.wait(job_id, poll_s=1, timeout_s=400)
+        assert final["state"] == "SUCCEEDED", final["message"]
+        assert final["attempts"] == 1  # followed, not submitted again
+        assert final["model_uri"] and final["model_uri"].startswith("models:/e2e-adapter/")
+        assert [m["uri"] for m in client.models()] == [final["model_uri"]]
+        metrics = client.metrics(job_id, history=True)
+        assert metrics["step"] == 60 and metrics["run_status"] == "FINISHED"
+        assert len(metrics["history"]["loss"]) >= 20
+        log = "\n".join(client.logs(job_id))
+        assert '"model_uri"' in log  # the entrypoint's final summary
+        transitions = [e["to_state"] for e in client.events(job_id) if e["to_state"]]
+        assert transitions == ["PENDING", "VALIDATING", "QUEUED", "SUBMITTED", "RUNNING", "SUCCEEDED"]
+    with Client(server.url, token="tok-beta") as other_team:
+        assert other_team.models() == []  # beta sees no adapter of alpha's
+        assert other_team.jobs()["items"] == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _ray_daemons() -> set[int]:
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["name"] in ("raylet", "gcs_server") or "ray/_private/workers" in cmd:
+            found.add(p.pid)
+    return found
+
+
+def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
+    server: Server, tmp_path: Path, tiny_dir: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    before = _ray_daemons()
+    with Client(server.url, token="tok-alpha") as client:
+        job_id = client.submit(quick_spec(tmp_path, tiny_dir, max_steps=100_000))["id"]
+        wait_for(client, job_id, lambda j: j["state"] == "RUNNING")
+        deadline = time.monotonic() + 240
+        while (client.metrics(job_id).get("step") or 0) < 4 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert client.cancel(job_id)["cancel_requested"]
+        final = client.wait(job_id, poll_s=1, timeout_s=120)
+        assert final["state"] == "CANCELLED"
+    pgid = int((tmp_path / "jobs" / job_id / "pid").read_text())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(1)
+    else:
+        left = [" ".join(p.cmdline())[:120] for p in psutil.process_iter() if _pgid(p.pid) == pgid]
+        raise AssertionError(f"processes of the cancelled job are still running: {left}")
+    while _ray_daemons() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not (_ray_daemons() - before), "the job's Ray is still running"
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()],
+        filter_string=f"tags.`tuneplane.job_id` = '{job_id}'",
+    )
+    assert [r.info.status for r in runs] == ["KILLED"]
