@@ -374,11 +374,9 @@ def token_new(
     from tuneplane.config import hash_token
 
     token = secrets.token_urlsafe(32)
-    console.print(f"token (give it to the team; it is not stored): {token}", highlight=False)
     role = "admin" if admin else "member"
-    console.print(
-        f"config entry: {{sha256: {hash_token(token)}, team: {team}, role: {role}}}", highlight=False
-    )
+    typer.echo(f"token (give it to the team; it is not stored): {token}")  # plain: never wrapped
+    typer.echo(f"config entry: {{sha256: {hash_token(token)}, team: {team}, role: {role}}}")
 
 
 def main() -> None:

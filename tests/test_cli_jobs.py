@@ -1,0 +1,84 @@
+"""The `tuneplane` job commands against a real API server (uvicorn on a loopback port, SQLite)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import uvicorn
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import REPO, _free_port, platform_config
+from tuneplane.api import create_app
+from tuneplane.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("cli-home")
+    config = platform_config(home, f"sqlite:///{home / 'db'}")
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, run_reconciler=False), host="127.0.0.1", port=port, log_level="error"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def cli(url: str, *args: str, token: str = "tok-alpha"):
+    return runner.invoke(
+        app, list(args), env={"TUNEPLANE_URL": url, "TUNEPLANE_TOKEN": token, "COLUMNS": "200"}
+    )
+
+
+def test_submit_list_status_cancel(api_url: str) -> None:
+    out = cli(api_url, "submit", str(REPO / "jobs" / "tiny-cpu.yaml"))
+    assert out.exit_code == 0, out.output
+    job_id = out.output.split("submitted ")[1].split()[0]
+    listed = cli(api_url, "jobs")
+    assert job_id in listed.output and "PENDING" in listed.output
+    status = cli(api_url, "status", job_id)
+    assert status.exit_code == 0 and "state=PENDING" in status.output and "-> PENDING" in status.output
+    cancelled = cli(api_url, "cancel", job_id)
+    assert cancelled.exit_code == 0 and f"{job_id}: CANCELLED" in cancelled.output
+    assert job_id not in cli(api_url, "jobs", token="tok-beta").output  # another team's list
+
+
+def test_bad_spec_and_unknown_job_give_clear_errors(api_url: str, tmp_path: Path) -> None:
+    spec = yaml.safe_load((REPO / "jobs" / "tiny-cpu.yaml").read_text())
+    spec["distributed"]["gpu_pool"] = "h100"
+    spec["distributed"]["gpus_per_worker"] = 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(spec).replace("../build", str(REPO / "build")).replace("data/", f"{REPO}/jobs/data/")
+    )
+    out = cli(api_url, "submit", str(bad), token="tok-beta")  # beta may not use the h100 pool
+    assert out.exit_code == 2, out.output
+    assert "distributed.gpu_pool: team beta may not use pool 'h100'" in out.output
+    assert "Traceback" not in out.output
+    missing = cli(api_url, "status", "no-such-job")
+    assert missing.exit_code == 1 and "404 not found" in missing.output
+
+
+def test_unreachable_api_is_one_line_not_a_traceback() -> None:
+    out = cli(f"http://127.0.0.1:{_free_port()}", "jobs")
+    assert out.exit_code == 1 and "cannot reach the API" in out.output and "Traceback" not in out.output
+
+
+def test_token_command_prints_a_config_entry_matching_the_token() -> None:
+    from tuneplane.config import hash_token
+
+    out = runner.invoke(app, ["token", "--team", "alpha"])
+    token = out.output.split("it is not stored): ")[1].split()[0]
+    assert f"sha256: {hash_token(token)}, team: alpha, role: member" in out.output
