@@ -100,7 +100,8 @@ def test_malformed_bodies_and_size_limit(api: TestClient) -> None:
 
 
 def test_authentication_is_required(api: TestClient, spec: dict) -> None:
-    assert api.get("/v1/jobs").status_code == 401
+    refused = api.get("/v1/jobs")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
     assert api.get("/v1/jobs", headers=bearer("nope")).status_code == 401
     assert api.post("/v1/jobs", json=spec, headers={"Authorization": "Basic abc"}).status_code == 401
     assert api.get("/healthz").status_code == 200  # probes are open

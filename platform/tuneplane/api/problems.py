@@ -43,7 +43,8 @@ def spec_problem(exc: SpecError, title: str = "invalid spec") -> Problem:
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.title, exc.detail, exc.errors)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return problem_response(exc.status, exc.title, exc.detail, exc.errors, **headers)
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:
