@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "jobs" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a hub id fails at once instead of retrying
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -80,7 +80,7 @@ def test_team_policy_pools_and_gpu_quota(tmp_path: Path, spec: dict) -> None:
         backend="kuberay",
         kuberay={"api_server": "http://127.0.0.1:9"},
     )
-    gpu = copy.deepcopy(spec)
+    gpu = load_spec(REPO / "jobs" / "llama3-8b-lora-zero2.yaml").to_dict()  # data and model on S3
     gpu["distributed"].update(gpus_per_worker=1, gpu_pool="h100", num_workers=2)
     with TestClient(create_app(config, run_reconciler=False)) as api:
         assert api.post("/v1/jobs", json=gpu, headers=ALPHA).status_code == 201
@@ -89,6 +89,26 @@ def test_team_policy_pools_and_gpu_quota(tmp_path: Path, spec: dict) -> None:
         fields = {e["field"]: e["message"] for e in refused.json()["errors"]}
         assert "may not use pool" in fields["distributed.gpu_pool"]
         assert "quota is 0" in fields["distributed.gpus_per_worker"]
+        # A cluster job cannot read the API host's disk: local paths are refused by name.
+        local = api.post("/v1/jobs", json=spec, headers=ALPHA)
+        assert local.status_code == 422
+        assert (
+            "a local path means nothing to a cluster job"
+            in {e["field"]: e["message"] for e in local.json()["errors"]}["data.sources[0].uri"]
+        )
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://169.254.169.254/latest/meta-data", "ftp://127.0.0.1:21/x.jsonl", "zz://b/x"]
+)
+def test_specs_cannot_make_the_control_plane_probe_the_network(api: TestClient, spec: dict, uri: str) -> None:
+    bad = copy.deepcopy(spec)
+    bad["data"]["sources"][3]["uri"] = uri
+    for path in ("/v1/jobs", "/v1/validate"):
+        r = api.post(path, json=bad, headers=ALPHA)
+        problems = r.json()["errors"] if r.status_code == 422 else r.json()["problems"]
+        assert not r.json().get("ok"), r.text
+        assert any(p["field"] == "data.sources[3].uri" and "is not allowed" in p["message"] for p in problems)
 
 
 def test_malformed_bodies_and_size_limit(api: TestClient) -> None:

@@ -737,4 +737,4 @@ def test_control_plane_on_kuberay_follows_by_watch_and_cancels(
         assert s.get(Job, stopped_id).state == "CANCELLED"
     left = custom.list_namespaced_custom_object(GROUP, VERSION, "ml-team-a", PLURAL)["items"]
     assert [o["metadata"]["name"] for o in left] == [done_id]  # shutdownAfterJobFinishes/TTL clean the rest
-    db.engine.dispose()
+    db.dispose()

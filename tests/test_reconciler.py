@@ -59,7 +59,7 @@ def plane(tmp_path: Path, db_url: str):
     db.migrate()
     backend = RecordingBackend()
     yield Reconciler(db, backend, config), db, backend
-    db.engine.dispose()
+    db.dispose()
 
 
 def submit(db: Database, who: Principal, spec, priority: int = 0) -> str:
@@ -142,7 +142,7 @@ def test_higher_priority_teams_go_first_and_a_full_team_does_not_block_others(tm
     backend.phase[b2] = backend.phase[b3] = RunStatus(RunPhase.SUCCEEDED)
     rec.run_once()
     assert states(db)[a1] == "SUBMITTED" and states(db)[a2] == "QUEUED"  # alpha: 1 at once
-    db.engine.dispose()
+    db.dispose()
 
 
 def test_cancel_stops_the_backend_job_then_records_cancelled(plane, spec) -> None:
@@ -172,7 +172,7 @@ def test_a_job_past_its_deadline_is_stopped_and_failed(tmp_path, db_url, spec) -
         record = s.get(Job, job)
         assert record.state == "FAILED" and "max_job_duration_s" in record.message
     assert backend.cancels[job] == 1
-    db.engine.dispose()
+    db.dispose()
 
 
 def test_a_job_the_backend_lost_is_failed(plane, spec) -> None:
@@ -196,7 +196,7 @@ def test_a_restarted_control_plane_continues_without_resubmitting(plane, spec) -
     backend.phase[job] = RunStatus(RunPhase.SUCCEEDED)
     restarted.run_once()
     assert states(db)[job] == "SUCCEEDED" and backend.submits[job] == 1
-    restarted.db.engine.dispose()
+    restarted.db.dispose()
 
 
 def test_two_replicas_on_postgresql_submit_each_job_once_within_quota(tmp_path, postgres_url, spec) -> None:
@@ -241,5 +241,5 @@ def test_two_replicas_on_postgresql_submit_each_job_once_within_quota(tmp_path, 
     assert set(backend.submits.values()) == {1}, "a job was submitted twice"
     assert not over_quota
     for r in replicas:
-        r.db.engine.dispose()
-    db.engine.dispose()
+        r.db.dispose()
+    db.dispose()

@@ -128,6 +128,11 @@ class PlatformConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     local: LocalBackend = Field(default_factory=LocalBackend)
     kuberay: KubeRayBackend = Field(default_factory=KubeRayBackend)
+    storage_schemes: list[str] = Field(
+        default_factory=lambda: ["s3", "gs", "gcs", "az", "abfs", "abfss"],
+        description="URI schemes a spec may name for data and models. Local paths are accepted only by the "
+        "local backend; http(s) is never looked up by the control plane.",
+    )
     validate_data: bool = Field(
         True, description="Check that a job's data and model exist before queueing it (needs storage access)."
     )

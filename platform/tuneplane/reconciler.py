@@ -196,7 +196,7 @@ class Reconciler:
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _ids_in(self, *states: JobState) -> list[str]:
-        with self.db.session() as s:
+        with self.db.session(readonly=True) as s:
             return list(s.scalars(select(Job.id).where(Job.state.in_(list(states))).order_by(Job.created_at)))
 
     def _lock(self, s: Session, job_id: str) -> Job | None:

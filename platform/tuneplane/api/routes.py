@@ -12,7 +12,15 @@ from starlette.concurrency import run_in_threadpool
 from tuneplane.api import services
 from tuneplane.api.auth import current_principal
 from tuneplane.api.problems import Problem, spec_problem
-from tuneplane.api.schemas import EventOut, JobList, JobMetrics, JobOut, ModelVersionOut, ValidationReport
+from tuneplane.api.schemas import (
+    EventOut,
+    JobList,
+    JobMetrics,
+    JobOut,
+    ModelVersionOut,
+    ValidationReport,
+    problem_responses,
+)
 from tuneplane.spec import SpecError, json_schema
 from tuneplane.store import (
     TERMINAL,
@@ -26,7 +34,7 @@ from tuneplane.store import (
 )
 from tuneplane.store.models import Job
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413, 422, 503))
 Caller = Annotated[Principal, Depends(current_principal)]
 SpecBody = Annotated[
     dict[str, Any],
@@ -72,7 +80,7 @@ def jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> JobList:
-    with _state(request).db.session() as s:
+    with _state(request).db.session(readonly=True) as s:
         found = list_jobs(s, caller, [x.value for x in state or []], name, team, limit + 1, offset)
         items = [JobOut.of(j) for j in found[:limit]]
     return JobList(items=items, next_offset=offset + limit if len(found) > limit else None)
@@ -80,7 +88,7 @@ def jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def job(request: Request, job_id: str, caller: Caller) -> JobOut:
-    with _state(request).db.session() as s:
+    with _state(request).db.session(readonly=True) as s:
         return JobOut.of(get_job(s, caller, job_id), with_spec=True)
 
 
@@ -98,7 +106,7 @@ def cancel(request: Request, job_id: str, caller: Caller) -> JobOut:
 
 @router.get("/jobs/{job_id}/events", response_model=list[EventOut])
 def events(request: Request, job_id: str, caller: Caller) -> list[EventOut]:
-    with _state(request).db.session() as s:
+    with _state(request).db.session(readonly=True) as s:
         return [EventOut.of(e) for e in list_events(s, caller, job_id)]
 
 
@@ -112,7 +120,7 @@ def logs(
 ) -> StreamingResponse:
     """The training log as text; with `follow`, streamed until the job ends."""
     app = _state(request)
-    with app.db.session() as s:
+    with app.db.session(readonly=True) as s:
         bjob = app.reconciler.backend_job(get_job(s, caller, job_id))
 
     def lines() -> Iterator[str]:
@@ -130,7 +138,7 @@ def metrics(request: Request, job_id: str, caller: Caller, history: bool = True)
     from tuneplane.tracking import job_metrics
 
     app = _state(request)
-    with app.db.session() as s:
+    with app.db.session(readonly=True) as s:
         found: Job = get_job(s, caller, job_id)
         state, max_steps = found.state, found.spec.get("hyperparameters", {}).get("max_steps")
     try:
@@ -182,7 +190,7 @@ def models(request: Request, caller: Caller) -> list[ModelVersionOut]:
     app = _state(request)
     job_ids: set[str] | None = None
     if not caller.is_admin:
-        with app.db.session() as s:
+        with app.db.session(readonly=True) as s:
             job_ids = {j.id for j in list_jobs(s, caller, [JobState.SUCCEEDED], limit=100_000)}
     try:
         versions = model_versions(app.config.tracking_uri, job_ids)

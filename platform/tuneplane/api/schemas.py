@@ -101,3 +101,39 @@ class ValidationReport(BaseModel):
     spec: dict[str, Any]
     problems: list[dict[str, str]]
     data: dict[str, Any] | None = None
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details, as every error is answered (media type application/problem+json)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[FieldProblem] | None = None
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers of a route, documented as problem+json."""
+    reasons = {
+        401: "no or unknown bearer token",
+        404: "no such job for this team",
+        409: "conflict (Idempotency-Key reused for another spec, job already ended)",
+        413: "body over the size limit",
+        422: "invalid request or spec; `errors` names each field",
+        503: "a dependency (database, MLflow) is unavailable",
+    }
+    schema = {"$ref": "#/components/schemas/ProblemOut"}
+    return {
+        code: {
+            "description": reasons[code],
+            "model": ProblemOut,
+            "content": {"application/problem+json": {"schema": schema}},
+        }
+        for code in codes
+    }

@@ -30,26 +30,36 @@ def admit(raw: Any, principal: Principal, config: PlatformConfig) -> TuningSpec:
         )
     if gpus and config.backend == "local":
         problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
-    problems += _relative_paths(spec)
+    problems += _locations(spec, config)
     if problems:
         raise SpecError(problems)
     return spec
 
 
-def _relative_paths(spec: TuningSpec) -> list[tuple[str, str]]:
-    """A relative path means nothing on the server: the CLI resolves them against the spec file."""
+def _locations(spec: TuningSpec, config: PlatformConfig) -> list[tuple[str, str]]:
+    """Where a spec may point. The control plane looks these up (validation), so only object storage, and local
+    paths on the local backend: never http(s) or other schemes, which would let a spec probe the network."""
     out = []
     groups = {
         "data.sources": spec.data.sources,
         "data.eval_sources": spec.data.eval_sources,
         "eval.zero_shot_sources": spec.eval.zero_shot_sources,
     }
-    for field, sources in groups.items():
-        for i, source in enumerate(sources):
-            if is_local_path(source.uri) and not source.uri.startswith("/"):
-                out.append((f"{field}[{i}].uri", "a relative path; use an absolute path or a URI"))
-    if spec.model.base.startswith(("./", "../", "~")):
-        out.append(("model.base", "a relative path; use an absolute path, a URI or a hub id"))
+    locations = [
+        (f"{field}[{i}].uri", s.uri) for field, sources in groups.items() for i, s in enumerate(sources)
+    ]
+    locations += [(f"model.{key}", v) for key in ("base", "tokenizer") if (v := getattr(spec.model, key))]
+    for field, uri in locations:
+        if not is_local_path(uri):
+            scheme = uri.split("://", 1)[0].lower()
+            if scheme not in config.storage_schemes:
+                out.append((field, f"scheme {scheme}:// is not allowed; use one of {config.storage_schemes}"))
+        elif field.startswith("model.") and not uri.startswith(("/", "./", "../", "~")):
+            continue  # a hub id such as org/name
+        elif config.backend != "local":
+            out.append((field, "a local path means nothing to a cluster job; use object storage"))
+        elif not uri.startswith("/"):  # the CLI makes a spec file's relative paths absolute before sending
+            out.append((field, "a relative path; use an absolute path or a URI"))
     return out
 
 

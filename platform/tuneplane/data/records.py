@@ -50,7 +50,10 @@ class RawRecord:
 
 def expand(uri: str) -> list[str]:
     """All files a source URI (possibly a glob) names, in a stable order, as full URIs."""
-    fs, path = url_to_fs(uri)
+    try:
+        fs, path = url_to_fs(uri)
+    except (ImportError, ValueError) as exc:  # unknown scheme, or its filesystem package is not installed
+        raise DataError(uri, f"cannot open: {exc}") from None
     try:
         if fs.isdir(path):
             raise DataError(uri, "is a directory; name files or a glob such as dir/*.jsonl")

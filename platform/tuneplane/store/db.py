@@ -25,18 +25,27 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=20)
         self.engine: Engine = create_engine(url, **kwargs)
+        self._reader = self.engine
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
             # pysqlite's own transaction handling would start transactions lazily and never BEGIN IMMEDIATE;
-            # take it over so a writer holds the lock from its first read (no lost update between API and reconciler).
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            # take it over so a writer holds the lock from its first read (no lost update between API and
+            # reconciler). Readers get a plain BEGIN on a second pool: in WAL mode they never wait for writers.
+            self._reader = create_engine(url, **kwargs)
+            for engine, begin in ((self.engine, "BEGIN IMMEDIATE"), (self._reader, "BEGIN")):
+                event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "begin", lambda conn, sql=begin: conn.exec_driver_sql(sql))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on error."""
-        with self._sessions() as session, session.begin():
+    def session(self, readonly: bool = False) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on error. `readonly` sessions must not write."""
+        with (self._read_sessions if readonly else self._sessions)() as session, session.begin():
             yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self._reader.dispose()
 
     def migrate(self) -> None:
         from alembic import command

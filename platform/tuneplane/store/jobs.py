@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, selectinload
 
 from tuneplane.spec import TuningSpec
 from tuneplane.store.models import Job, JobEvent, utcnow
@@ -84,6 +84,7 @@ def create_job(
         gpus=dist.num_workers * dist.gpus_per_worker,
         gpu_pool=dist.gpu_pool,
         idempotency_key=idempotency_key,
+        attempts=[],  # known empty: no lazy load when the response counts them
     )
     session.add(job)
     session.add(
@@ -115,7 +116,12 @@ def list_jobs(
     limit: int = 50,
     offset: int = 0,
 ) -> list[Job]:
-    query = select(Job).order_by(Job.created_at.desc(), Job.id)
+    # Attempts in one extra query for the whole page (not one per row); specs are not listed, so not loaded.
+    query = (
+        select(Job)
+        .options(selectinload(Job.attempts), defer(Job.spec))
+        .order_by(Job.created_at.desc(), Job.id)
+    )
     if not principal.is_admin:
         query = query.where(Job.team == principal.team)
     elif team:
