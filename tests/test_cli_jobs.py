@@ -82,3 +82,18 @@ def test_token_command_prints_a_config_entry_matching_the_token() -> None:
     out = runner.invoke(app, ["token", "--team", "alpha"])
     token = out.output.split("it is not stored): ")[1].split()[0]
     assert f"sha256: {hash_token(token)}, team: alpha, role: member" in out.output
+
+
+def test_config_check_names_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "platform.yaml"
+    bad.write_text(
+        yaml.safe_dump({"teams": [{"name": "a", "quota": {"max_gpus": -1}, "gpu_pools": ["h100"]}]})
+    )
+    out = runner.invoke(app, ["config", "check", str(bad)])
+    assert out.exit_code == 2 and "teams.0.quota.max_gpus" in out.output and "Traceback" not in out.output
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"teams": [{"name": "a"}, {"name": "b"}]}))
+    out = runner.invoke(app, ["config", "check", str(good)])
+    assert out.exit_code == 0 and "teams a, b" in out.output
+    schema = runner.invoke(app, ["config", "schema"])
+    assert '"gpu_pools"' in schema.output

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 spec_app = typer.Typer(no_args_is_help=True, help="Tuning spec utilities.")
 app.add_typer(spec_app, name="spec")
+config_app = typer.Typer(no_args_is_help=True, help="Platform config utilities.")
+app.add_typer(config_app, name="config")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,6 +44,28 @@ def spec_schema(
         out.write_text(text)
     else:
         sys.stdout.write(text)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the platform config's JSON Schema."""
+    from tuneplane.config import PlatformConfig
+
+    sys.stdout.write(json.dumps(PlatformConfig.model_json_schema(), indent=2) + "\n")
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(metavar="FILE", help="Platform config YAML.")]) -> None:
+    """Check a platform config: every problem names its field."""
+    from tuneplane.config import load_config
+
+    try:
+        cfg = load_config(path)
+    except SpecError as exc:
+        err_console.print(f"[bold red]invalid config[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+    teams = ", ".join(t.name for t in cfg.teams)
+    console.print(f"[green]config ok[/]: backend {cfg.backend}, teams {teams}", highlight=False)
 
 
 @app.command()
