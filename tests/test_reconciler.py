@@ -243,3 +243,30 @@ def test_two_replicas_on_postgresql_submit_each_job_once_within_quota(tmp_path, 
     for r in replicas:
         r.db.dispose()
     db.dispose()
+
+
+def test_replicas_starting_together_migrate_one_after_the_other(postgres_url) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
+    engine.dispose()
+    replicas = [Database(postgres_url) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def start(db: Database) -> None:
+        try:
+            db.migrate()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(db.at_head() for db in replicas)
+    for db in replicas:
+        db.dispose()

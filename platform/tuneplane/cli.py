@@ -97,6 +97,13 @@ def validate(
     except PretrainedError as exc:
         err_console.print(f"[bold red]model.tokenizer[/]: {exc}", highlight=False)
         raise typer.Exit(2) from None
+    except ImportError as exc:  # the API image has no training stack
+        err_console.print(
+            f"[bold red]the data preflight needs the training extra[/] ({exc.name} is missing): "
+            "pip install 'tuneplane[train]', or check the spec alone with --spec-only",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
     with console.status("scanning data"):
         report = preflight(spec, tokenizer, max_records=max_records, samples=samples)
     if as_json:

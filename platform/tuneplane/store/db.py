@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x7475_6E66  # PostgreSQL advisory lock key held while migrating
 
 
 class Database:
@@ -48,9 +49,23 @@ class Database:
         self._reader.dispose()
 
     def migrate(self) -> None:
+        """Bring the schema to head. On PostgreSQL under an advisory lock: replicas starting together migrate
+        one after the other (the later ones find nothing to do) instead of colliding."""
         from alembic import command
 
-        command.upgrade(self._alembic_config(), "head")
+        cfg = self._alembic_config()
+        if self.is_sqlite:
+            command.upgrade(cfg, "head")
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK})
+            conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
+                conn.commit()
 
     def at_head(self) -> bool:
         from alembic.runtime.migration import MigrationContext
