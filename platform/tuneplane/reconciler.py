@@ -231,19 +231,13 @@ def check_reachable(spec_dict: dict) -> str | None:
         spec = parse_spec(spec_dict)
     except SpecError as exc:
         return str(exc)
-    groups = {
-        "data.sources": spec.data.sources,
-        "data.eval_sources": spec.data.eval_sources,
-        "eval.zero_shot_sources": spec.eval.zero_shot_sources,
-    }
-    for field, sources in groups.items():
-        for i, source in enumerate(sources):
-            try:
-                expand(source.uri)
-            except DataError as exc:
-                return f"{field}[{i}].uri: {exc}"
-            except Exception as exc:  # the storage client's own errors (credentials, network)
-                return f"{field}[{i}].uri: {source.uri}: cannot list: {type(exc).__name__}: {exc}"
+    for field, source in spec.source_fields():
+        try:
+            expand(source.uri)
+        except DataError as exc:
+            return f"{field}.uri: {exc}"
+        except Exception as exc:  # the storage client's own errors (credentials, network)
+            return f"{field}.uri: {source.uri}: cannot list: {type(exc).__name__}: {exc}"
     base = spec.model.base
     if is_local_path(base) and base.startswith(("/", "~")) and not os.path.isdir(os.path.expanduser(base)):
         return f"model.base: {base}: no such folder"

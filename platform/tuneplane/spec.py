@@ -320,6 +320,17 @@ class TuningSpec(_Strict):
             raise ValueError("; ".join(f"{path}: {msg}" for path, msg in problems))
         return data
 
+    def source_fields(self) -> Iterator[tuple[str, SourceSpec]]:
+        """Every data source with its field path (`data.sources[0]`), for messages that name the field."""
+        groups = {
+            "data.sources": self.data.sources,
+            "data.eval_sources": self.data.eval_sources,
+            "eval.zero_shot_sources": self.eval.zero_shot_sources,
+        }
+        for name, sources in groups.items():
+            for i, source in enumerate(sources):
+                yield f"{name}[{i}]", source
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -40,14 +40,7 @@ def _locations(spec: TuningSpec, config: PlatformConfig) -> list[tuple[str, str]
     """Where a spec may point. The control plane looks these up (validation), so only object storage, and local
     paths on the local backend: never http(s) or other schemes, which would let a spec probe the network."""
     out = []
-    groups = {
-        "data.sources": spec.data.sources,
-        "data.eval_sources": spec.data.eval_sources,
-        "eval.zero_shot_sources": spec.eval.zero_shot_sources,
-    }
-    locations = [
-        (f"{field}[{i}].uri", s.uri) for field, sources in groups.items() for i, s in enumerate(sources)
-    ]
+    locations = [(f"{field}.uri", source.uri) for field, source in spec.source_fields()]
     locations += [(f"model.{key}", v) for key in ("base", "tokenizer") if (v := getattr(spec.model, key))]
     for field, uri in locations:
         if not is_local_path(uri):
