@@ -71,6 +71,10 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, on_gpu, world)
     )
+    if world == 1:
+        # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every gradient
+        # into buckets and all-reduce them each step.
+        engine.enable_backward_allreduce = False
 
     data_state: dict[str, Any] | None = None
     progress: dict[str, Any] = {"step": 0, "epochs": 0, "tokens": 0, "base_zero_shot": None}
