@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,8 @@ class LocalBackend:
         except OSError as exc:
             raise BackendError(f"cannot start the training process: {exc}") from None
         (folder / "pid").write_text(str(proc.pid))
+        # Collect the runner's exit whenever it comes, so no zombie is left behind in this process.
+        threading.Thread(target=proc.wait, name=f"reap-{job.id}", daemon=True).start()
 
     def status(self, job: BackendJob) -> RunStatus:
         folder = self.job_dir(job)
@@ -72,7 +75,6 @@ class LocalBackend:
         if not pid_file.exists():
             return RunStatus(RunPhase.MISSING)
         pid = int(pid_file.read_text())
-        _reap(pid)
         ended = exit_file.exists() or not _alive(pid)
         if not ended:
             return RunStatus(RunPhase.RUNNING)
@@ -113,14 +115,6 @@ class LocalBackend:
                     yield from f  # whatever was written after the last read
                     return
                 time.sleep(0.5)
-
-
-def _reap(pid: int) -> None:
-    """Collect the runner's exit if this process started it, so no zombie is left in the job's group."""
-    with contextlib.suppress(
-        ChildProcessError
-    ):  # not our child (started before an API restart): init reaps it
-        os.waitpid(pid, os.WNOHANG)
 
 
 def _alive(pid: int) -> bool:
