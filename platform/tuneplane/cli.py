@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +19,9 @@ from tuneplane.spec import SpecError, json_schema, load_spec
 if TYPE_CHECKING:
     from tuneplane.client import Client
     from tuneplane.data.preflight import PreflightReport
+
+T = TypeVar("T")
+P = TypeVar("P")
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -32,6 +36,15 @@ app.add_typer(config_app, name="config")
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _load_or_exit(what: str, load: Callable[[P], T], path: P) -> T:
+    """Load a spec or config file; on a SpecError print every problem (each naming its field) and exit 2."""
+    try:
+        return load(path)
+    except SpecError as exc:
+        err_console.print(f"[bold red]invalid {what}[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @spec_app.command("schema")
@@ -59,11 +72,7 @@ def config_check(path: Annotated[Path, typer.Argument(metavar="FILE", help="Plat
     """Check a platform config: every problem names its field."""
     from tuneplane.config import load_config
 
-    try:
-        cfg = load_config(path)
-    except SpecError as exc:
-        err_console.print(f"[bold red]invalid config[/]\n{exc}", highlight=False)
-        raise typer.Exit(2) from None
+    cfg = _load_or_exit("config", load_config, path)
     teams = ", ".join(t.name for t in cfg.teams)
     console.print(f"[green]config ok[/]: backend {cfg.backend}, teams {teams}", highlight=False)
 
@@ -79,11 +88,7 @@ def validate(
     spec_only: Annotated[bool, typer.Option(help="Check the spec, not the data.")] = False,
 ) -> None:
     """Check a spec and preflight its data: counts, bad records (uri:line), lengths, masking."""
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as exc:
-        err_console.print(f"[bold red]invalid spec[/]\n{exc}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
+    spec = _load_or_exit("spec", load_spec, spec_path)
     if spec_only:
         console.print(f"[green]spec ok[/]: {spec.name}")
         return
@@ -196,11 +201,7 @@ def serve(
     from tuneplane.api import create_app
     from tuneplane.config import load_config
 
-    try:
-        cfg = load_config(config)
-    except SpecError as exc:
-        err_console.print(f"[bold red]invalid config[/]\n{exc}", highlight=False)
-        raise typer.Exit(2) from None
+    cfg = _load_or_exit("config", load_config, config)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
 
 
@@ -214,11 +215,7 @@ def submit(
     url: Url = None,
 ) -> None:
     """Submit a tuning job."""
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as exc:
-        err_console.print(f"[bold red]invalid spec[/]\n{exc}", highlight=False)
-        raise typer.Exit(2) from None
+    spec = _load_or_exit("spec", load_spec, spec_path)
     with _client(url) as client:
         try:
             job = client.submit(spec)
@@ -377,7 +374,12 @@ def demo(
     from tuneplane.config import load_config
 
     server = uvicorn.Server(
-        uvicorn.Config(create_app(load_config()), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(_load_or_exit("config", load_config, None)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

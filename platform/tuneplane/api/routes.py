@@ -38,7 +38,7 @@ router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413,
 Caller = Annotated[Principal, Depends(current_principal)]
 SpecBody = Annotated[
     dict[str, Any],
-    Body(description="A tuning spec (see the TuningSpec schema).", openapi_examples=None),
+    Body(description="A tuning spec (see the TuningSpec schema)."),
 ]
 _SPEC_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": json_schema()}}, "required": True}}
 
