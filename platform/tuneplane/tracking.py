@@ -197,29 +197,34 @@ def job_metrics(tracking_uri: str, job_id: str, history: bool = True) -> dict[st
     if run is None:
         return {"run_id": None, "status": None, "step": None, "latest": {}, "history": {}}
     client = MlflowClient(tracking_uri=tracking_uri)
-    out: dict[str, Any] = {
+    # The loss series is read even without history: its last step is the job's progress.
+    keys = list(run.data.metrics) if history else [k for k in run.data.metrics if k == "loss"]
+    series = {
+        key: [{"step": m.step, "value": m.value} for m in client.get_metric_history(run.info.run_id, key)]
+        for key in keys
+    }
+    return {
         "run_id": run.info.run_id,
         "status": run.info.status,
+        "step": max((p["step"] for p in series.get("loss", [])), default=None),
         "latest": dict(run.data.metrics),
-        "history": {},
+        "history": series if history else {},
     }
-    for key in run.data.metrics if history else [k for k in run.data.metrics if k == "loss"]:
-        series = client.get_metric_history(run.info.run_id, key)
-        out["history"][key] = [{"step": m.step, "value": m.value} for m in series]
-    loss = out["history"].get("loss") or []
-    out["step"] = max((p["step"] for p in loss), default=None)
-    if not history:
-        out["history"] = {}
-    return out
 
 
 def model_versions(tracking_uri: str, job_ids: set[str] | None = None) -> list[dict[str, Any]]:
     """Registered versions published by Tuneplane jobs (optionally only those of the given jobs)."""
     from mlflow import MlflowClient
 
+    if job_ids is not None and not job_ids:
+        return []
     client = MlflowClient(tracking_uri=tracking_uri)
+    # One job (the reconciler asking for its model): let the registry filter instead of listing every version.
+    only = (
+        f"tags.`{JOB_TAG}` = '{next(iter(job_ids))}'" if job_ids is not None and len(job_ids) == 1 else None
+    )
     out = []
-    for version in client.search_model_versions(max_results=10_000):
+    for version in client.search_model_versions(filter_string=only, max_results=10_000):
         job_id = version.tags.get(JOB_TAG)
         if job_id is None or (job_ids is not None and job_id not in job_ids):
             continue

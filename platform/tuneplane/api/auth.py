@@ -19,9 +19,6 @@ class TokenIndex:
     def principal(self, token: str) -> Principal | None:
         return self._by_digest.get(hash_token(token))
 
-    def __len__(self) -> int:
-        return len(self._by_digest)
-
 
 def local_admin_token(config: PlatformConfig) -> TokenEntry:
     """The embedded default's token: made once, kept in `home/token` (mode 0600) for the CLI to find."""
