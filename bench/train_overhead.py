@@ -74,7 +74,7 @@ def bare_tokens_per_s(spec: TuningSpec) -> float:
 
     from tuneplane.data import InstructionStream
     from tuneplane.pretrained import load_tokenizer
-    from tuneplane.train.model import load_model
+    from tuneplane.train.builders import load_model
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(spec.hyperparameters.seed)
@@ -108,7 +108,7 @@ def _state_bytes_loop(config: dict[str, Any]) -> None:
 
     from tuneplane.data import InstructionStream
     from tuneplane.pretrained import load_tokenizer
-    from tuneplane.train.model import deepspeed_config, load_model
+    from tuneplane.train.builders import deepspeed_config, load_model
 
     spec = parse_spec(config["spec"])
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

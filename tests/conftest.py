@@ -1,4 +1,5 @@
-"""Shared fixtures: a locally built tokenizer/model, a real S3-compatible server (moto) on 127.0.0.1."""
+"""Shared fixtures: a locally built tokenizer/model, a real S3-compatible server (moto) on 127.0.0.1, databases.
+Plain helpers and constants (REPO, TOKENS, platform_config, ...) live in tests/support."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "jobs" / "data"
+from tests.support.config import PG_ADMIN_URL, free_port
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a hub id fails at once instead of retrying
@@ -49,16 +49,10 @@ def tokenizer(tiny_dir: Path):
     return AutoTokenizer.from_pretrained(str(tiny_dir))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
     """A real S3-compatible HTTP server (moto_server) on a random loopback port."""
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
@@ -104,9 +98,7 @@ def s3_bucket(moto_endpoint: str):
     fs.invalidate_cache()
 
 
-# -- control plane: databases and platform configs ------------------------------------------------------------
-
-PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+# -- control plane: databases ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -140,38 +132,3 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
     engine.dispose()
     return url
-
-
-TOKENS = {"tok-alpha": ("alpha", "member"), "tok-beta": ("beta", "member"), "tok-root": ("alpha", "admin")}
-
-
-def platform_config(home: Path, db: str, **overrides: object):
-    """Two teams (alpha, beta), one GPU pool only alpha may use, tokens from TOKENS."""
-    from tuneplane.config import hash_token, load_config
-
-    data: dict[str, object] = {
-        "home": str(home),
-        "database_url": db,
-        "teams": [
-            {
-                "name": "alpha",
-                "quota": {"max_concurrent_jobs": 1, "max_gpus": 8},
-                "gpu_pools": ["h100"],
-                "priority": 0,
-            },
-            {"name": "beta", "quota": {"max_concurrent_jobs": 2, "max_gpus": 0}, "priority": 10},
-        ],
-        "gpu_pools": {"h100": {"node_selector": {"pool": "h100"}, "accelerator_type": "H100"}},
-        "auth": {
-            "tokens": [
-                {"sha256": hash_token(t), "team": team, "role": role} for t, (team, role) in TOKENS.items()
-            ]
-        },
-        "reconcile_interval_s": 0.2,
-    }
-    data.update(overrides)
-    return load_config(overrides=data)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}

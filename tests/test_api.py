@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import REPO, bearer, platform_config
+from tests.support.config import REPO, bearer, platform_config
 from tuneplane.api import create_app
 from tuneplane.spec import load_spec
 

@@ -4,22 +4,21 @@ Every operation is called with schema-conforming (positive) and schema-violating
 bearer token; the operations on one job also get the id of a real job, and the spec-body operations also get
 near-valid specs (a valid spec with sections and source URIs swapped for generated ones), since a spec drawn
 from the JSON schema alone almost never passes admission. No response may be a 5xx, and every 4xx must be
-RFC 9457 problem+json with `title` and `status`. One app per module: SQLite in a tmp home, no reconciler.
+RFC 9457 problem+json with `title` and `status`. One app per module (a fixture): SQLite in a tmp home, no
+reconciler.
 """
 
 from __future__ import annotations
 
-import atexit
 import copy
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from fsspec.registry import known_implementations
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +27,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
-from tests.conftest import DATA, REPO, TOKENS, bearer, platform_config
+from tests.support.config import DATA, REPO, TOKENS, bearer, platform_config
 from tuneplane.api import create_app
 from tuneplane.backends import BackendJob, RunPhase, RunStatus
 from tuneplane.spec import load_spec
@@ -55,23 +54,40 @@ def hoist_defs(openapi: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(doc).replace('"#/$defs/', '"#/components/schemas/'))
 
 
-# Built at import, cheaply (no database work yet), so that the operations can parametrize the test. Not
-# `@schema.parametrize()`: under pytest 9.2 its items all get the same node id ("test_x", no operation), so
-# one operation could be neither selected nor marked; and `from_fixture` fails there outright (`_nodeid`).
-HOME = Path(tempfile.mkdtemp(prefix="tuneplane-fuzz-"))
-atexit.register(shutil.rmtree, HOME, ignore_errors=True)  # the lifespan, too, lasts until exit
-APP = create_app(platform_config(HOME, f"sqlite:///{HOME / 'tuneplane.db'}"), run_reconciler=False)
-SCHEMA = schemathesis.openapi.from_dict(hoist_defs(APP.openapi()))
-SCHEMA.app = APP  # calls go through schemathesis' ASGI transport, which runs the app's lifespan once
-OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
-assert {op.label for op in OPERATIONS if op.body} == SPEC_BODY_OPERATIONS
+# The operations parametrize the test, so they are known at collection, before any app exists: from the
+# committed OpenAPI document, which tests/test_refdocs.py keeps equal to the app's (`api_schema` checks it
+# too). Not schemathesis' own `@schema.parametrize()`: under pytest 9.2 its items all get the same node id
+# ("test_x", no operation), so one operation could be neither selected nor marked; and its fixture-provided
+# schema (`schemathesis.pytest.from_fixture`) fails there outright (`_nodeid`).
+OPENAPI_DOC = REPO / "docs" / "reference" / "openapi.json"
+OPERATIONS = [
+    f"{method.upper()} {path}"
+    for path, operations in json.loads(OPENAPI_DOC.read_text())["paths"].items()
+    for method in operations
+]
 
 
 @pytest.fixture(scope="module")
-def job_id() -> Iterator[str]:
+def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
+    home = tmp_path_factory.mktemp("fuzz")  # outlives the module, as the lifespan may
+    return create_app(platform_config(home, f"sqlite:///{home / 'tuneplane.db'}"), run_reconciler=False)
+
+
+@pytest.fixture(scope="module")
+def api_schema(app: FastAPI) -> schemathesis.BaseSchema:
+    schema = schemathesis.openapi.from_dict(hoist_defs(app.openapi()))
+    schema.app = app  # calls go through schemathesis' ASGI transport, which runs the app's lifespan
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert [op.label for op in operations] == OPERATIONS, f"{OPENAPI_DOC} is stale: make schema"
+    assert {op.label for op in operations if op.body} == SPEC_BODY_OPERATIONS
+    return schema
+
+
+@pytest.fixture(scope="module")
+def job_id(app: FastAPI) -> Iterator[str]:
     """Starts the lifespan (which migrates the database) and submits one real job for the job routes."""
-    with asgi.get_client(APP) as client:
-        assert APP.state.db.at_head(), "the lifespan did not migrate the database"
+    with asgi.get_client(app) as client:
+        assert app.state.services.db.at_head(), "the lifespan did not migrate the database"
         created = client.post("/v1/jobs", json=VALID_SPEC, headers=bearer("tok-root"))
         assert created.status_code == 201, created.text
         yield created.json()["id"]
@@ -127,8 +143,11 @@ def check_problem_json(response: schemathesis.Response) -> None:
     assert body.get("status") == response.status_code, body
 
 
-@pytest.mark.parametrize("operation", OPERATIONS, ids=[op.label for op in OPERATIONS])
-def test_api_fuzz(operation: schemathesis.APIOperation, job_id: str) -> None:
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_api_fuzz(label: str, api_schema: schemathesis.BaseSchema, job_id: str) -> None:
+    operation = api_schema.find_operation_by_label(label)
+    assert operation is not None, label
+
     @given(case=cases_for(operation, job_id), token=st.sampled_from(sorted(TOKENS)))
     @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     def fuzz(case: schemathesis.Case, token: str) -> None:
@@ -177,6 +196,12 @@ class _IdleBackend:
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
         return iter(())
 
+    def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
 
 def test_unloadable_uri_scheme_fails_the_job_without_stalling_the_reconciler(tmp_path: Path) -> None:
     """The same exception once escaped `Reconciler.validate_new`: the job stayed VALIDATING and every pass
@@ -188,7 +213,7 @@ def test_unloadable_uri_scheme_fails_the_job_without_stalling_the_reconciler(tmp
         bad = client.post("/v1/jobs", json=_with_uri("gs://bucket/x.jsonl"), headers=bearer("tok-alpha"))
         good = client.post("/v1/jobs", json=VALID_SPEC, headers=bearer("tok-beta"))
         assert bad.status_code == good.status_code == 201
-        app.state.reconciler.run_once()
+        app.state.services.reconciler.run_once()
         bad_state, good_state = (
             client.get(f"/v1/jobs/{r.json()['id']}", headers=bearer("tok-root")).json()["state"]
             for r in (bad, good)

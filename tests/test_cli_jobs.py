@@ -10,7 +10,7 @@ import uvicorn
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import REPO, _free_port, platform_config
+from tests.support.config import REPO, free_port, platform_config
 from tuneplane.api import create_app
 from tuneplane.cli import app
 
@@ -21,7 +21,7 @@ runner = CliRunner()
 def api_url(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("cli-home")
     config = platform_config(home, f"sqlite:///{home / 'db'}")
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config, run_reconciler=False), host="127.0.0.1", port=port, log_level="error"
@@ -72,7 +72,7 @@ def test_bad_spec_and_unknown_job_give_clear_errors(api_url: str, tmp_path: Path
 
 
 def test_unreachable_api_is_one_line_not_a_traceback() -> None:
-    out = cli(f"http://127.0.0.1:{_free_port()}", "jobs")
+    out = cli(f"http://127.0.0.1:{free_port()}", "jobs")
     assert out.exit_code == 1 and "cannot reach the API" in out.output and "Traceback" not in out.output
 
 

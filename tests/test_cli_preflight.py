@@ -7,12 +7,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from tests.support.config import REPO
 from tuneplane.cli import app
 from tuneplane.data import preflight
 from tuneplane.pretrained import load_tokenizer, local_copy
 from tuneplane.spec import ModelSpec, load_spec
-
-from .conftest import REPO
 
 runner = CliRunner()
 

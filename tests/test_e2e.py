@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, TOKENS, _free_port
+from tests.support.config import REPO, TOKENS, free_port
 from tuneplane.client import Client
 from tuneplane.config import hash_token
 from tuneplane.spec import load_spec
@@ -30,7 +30,7 @@ class Server:
     """`tuneplane serve` in its own process, so a test can kill it like a crashed pod."""
 
     def __init__(self, home: Path):
-        self.home, self.port = home, _free_port()
+        self.home, self.port = home, free_port()
         self.config = home / "platform.yaml"
         self.config.write_text(
             yaml.safe_dump(
@@ -127,6 +127,8 @@ def test_job_survives_an_api_crash_and_registers_its_adapter(
         assert final["attempts"] == 1  # followed, not submitted again
         assert final["model_uri"] and final["model_uri"].startswith("models:/e2e-adapter/")
         assert [m["uri"] for m in client.models()] == [final["model_uri"]]
+        # the job record and its registered version carry one spec hash: they join on it
+        assert [m["spec_hash"] for m in client.models()] == [final["spec_hash"]]
         metrics = client.metrics(job_id, history=True)
         assert metrics["step"] == 60 and metrics["run_status"] == "FINISHED"
         assert len(metrics["history"]["loss"]) >= 20

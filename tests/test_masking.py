@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuneplane.data.formats import FormatError, to_conversation
+from tuneplane.data.formats import to_conversation
 from tuneplane.data.packing import collate
 from tuneplane.data.stream import InstructionStream
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
+from tuneplane.errors import FormatError
 from tuneplane.spec import DataSpec, InstructionTemplate, SourceSpec
 
 TEMPLATES = ["alpaca", "flan", "chatml", "llama3", "tokenizer"]

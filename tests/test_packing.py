@@ -7,12 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.config import REPO
 from tuneplane.data import InstructionStream
 from tuneplane.data.packing import BestFitPacker, Example, collate
 from tuneplane.data.templates import IGNORE_INDEX
 from tuneplane.spec import load_spec
-
-from .conftest import REPO
 
 
 def _example(i: int, n: int, trained_from: int = 0) -> Example:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import REPO, platform_config
+from tests.support.config import REPO, platform_config
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.reconciler import Reconciler
 from tuneplane.spec import load_spec
@@ -45,6 +45,12 @@ class RecordingBackend:
 
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
         return iter(())
+
+    def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from tuneplane.data.records import MAX_RECORD_BYTES, DataError, expand, read_records
+from tuneplane.data.records import MAX_RECORD_BYTES, expand, read_records
+from tuneplane.errors import DataError
 
 ROWS = [{"instruction": f"Reverse {i}", "input": "", "output": str(i)[::-1]} for i in range(2500)]
 

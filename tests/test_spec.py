@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from tuneplane.spec import SpecError, TuningSpec, json_schema, load_spec, parse_spec, parse_spec_text
+from tuneplane.errors import SpecError
+from tuneplane.spec import (
+    TuningSpec,
+    json_schema,
+    load_spec,
+    model_location_kind,
+    parse_spec,
+    parse_spec_text,
+    spec_hash,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {
@@ -125,6 +134,51 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
         base_dir=tmp_path,
     )
     assert hub.model.base == "meta-llama/Llama-3.1-8B"
+
+
+@pytest.mark.parametrize(
+    ("location", "kind"),
+    [
+        ("meta-llama/Llama-3.1-8B", "hub"),
+        ("gpt2", "hub"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "hub"),
+        ("/models/tiny", "path"),
+        ("./tiny", "path"),
+        ("../models/tiny", "path"),
+        ("~/models/tiny", "path"),
+        (".cache/x", "path"),  # hub ids never start with a dot
+        ("models/llama/8b", "path"),  # hub ids have at most one '/'
+        (".", "path"),
+        ("s3://bucket/models/tiny", "uri"),
+        ("gs://bucket/tiny", "uri"),
+        ("file:///models/tiny", "uri"),
+    ],
+)
+def test_model_location_kind(location: str, kind: str) -> None:
+    assert model_location_kind(location) == kind
+
+
+def test_only_model_paths_are_resolved_and_absolute_ones_are_kept(tmp_path: Path) -> None:
+    text = (
+        "name: j\nmodel: {base: .cache/tiny, tokenizer: org/tok}\n"
+        "data: {sources: [{uri: /abs/../x.jsonl, format: alpaca}]}"
+    )
+    spec = parse_spec_text(text, base_dir=tmp_path)
+    assert spec.model.base == str(tmp_path / ".cache" / "tiny") and spec.model.base_kind == "path"
+    assert spec.model.tokenizer == "org/tok"
+    assert spec.data.sources[0].uri == "/abs/../x.jsonl"  # as written: a stored spec comes back unchanged
+
+
+def test_spec_hash_is_full_sha256_and_survives_a_round_trip_through_a_file(tmp_path: Path) -> None:
+    import yaml
+
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    digest = spec_hash(spec)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    # What a backend does: write the stored spec to a file the training entrypoint loads again.
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    assert spec_hash(load_spec(tmp_path / "spec.yaml")) == digest
+    assert spec_hash(spec.model_copy(update={"name": "other"})) != digest
 
 
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:

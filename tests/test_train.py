@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.config import REPO
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 from tuneplane.train import RunSettings, TrainingFailed, run
-
-from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +44,15 @@ def _spec(tiny_dir: Path, **overrides: Any) -> TuningSpec:
     return resolve_paths(parse_spec(data), REPO / "jobs")
 
 
-def _settings(tmp_path: Path, job_id: str, tracking: bool = True, **extra: Any) -> RunSettings:
+def _settings(
+    tmp_path: Path, job_id: str, tracking: bool = True, example_log_dir: str | None = None
+) -> RunSettings:
     return RunSettings(
         job_id=job_id,
         storage_path=str(tmp_path / "runs"),
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}" if tracking else None,
         artifact_root=str(tmp_path / "artifacts"),
-        extra=extra,
+        example_log_dir=example_log_dir,
     )
 
 

@@ -1,14 +1,17 @@
-"""The recipe's pure parts: methods, DeepSpeed config, LR schedule, the empty-adapter guard, MLflow params."""
+"""The recipe's pure parts: methods, DeepSpeed config and ZeRO stage, LR schedule, the empty-adapter guard,
+MLflow params, and the generation prompt shared by evaluation and the served model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tuneplane.errors import CheckpointError, SpecError
 from tuneplane.spec import parse_spec
 from tuneplane.tracking import flatten
-from tuneplane.train.evaluate import check_not_empty
-from tuneplane.train.model import ParamCounts, apply_method, deepspeed_config, flops_per_token, lr_lambda
+from tuneplane.train.builders import apply_method, deepspeed_config, effective_zero_stage, lr_lambda
+from tuneplane.train.checkpointing import check_not_empty
+from tuneplane.train.metrics import ParamCounts, flops_per_token
 
 
 def _spec(**extra):
@@ -37,8 +40,9 @@ def test_partial_trains_only_the_last_layers_norm_and_head(llama) -> None:
 
 
 def test_partial_rejects_more_layers_than_the_model_has(llama) -> None:
-    with pytest.raises(ValueError, match="last_n_layers=5 but the model has 2 layers"):
+    with pytest.raises(SpecError, match="last_n_layers=5 but the model has 2 layers") as info:
         apply_method(llama, _spec(method={"type": "partial", "last_n_layers": 5}))
+    assert info.value.problems[0][0] == "method.last_n_layers"
 
 
 def test_lora_makes_only_adapter_weights_trainable(llama) -> None:
@@ -67,15 +71,21 @@ def test_deepspeed_config_follows_the_spec(stage) -> None:
     assert ("offload_param" in gpu["zero_optimization"]) == (stage == 3)
 
 
-def test_a_single_rank_runs_zero_0_unless_offloading() -> None:
-    assert (
-        deepspeed_config(_spec(distributed={"zero_stage": 3}), False, world_size=1)["zero_optimization"][
-            "stage"
-        ]
-        == 0
-    )
-    offload = _spec(distributed={"zero_stage": 2, "offload_optimizer": True})
-    assert deepspeed_config(offload, False, world_size=1)["zero_optimization"]["stage"] == 2
+@pytest.mark.parametrize(
+    ("distributed", "world", "stage"),
+    [
+        ({"zero_stage": 3}, 1, 0),  # one rank: nothing to partition
+        ({"zero_stage": 2}, 1, 0),
+        ({"zero_stage": 2, "offload_optimizer": True}, 1, 2),  # offload needs its stage
+        ({"zero_stage": 3, "offload_params": True}, 1, 3),
+        ({"zero_stage": 3}, 2, 3),
+        ({"zero_stage": 0}, 4, 0),
+    ],
+)
+def test_the_effective_zero_stage(distributed, world, stage) -> None:
+    spec = _spec(distributed=distributed)
+    assert effective_zero_stage(spec.distributed, world) == stage
+    assert deepspeed_config(spec, False, world_size=world)["zero_optimization"]["stage"] == stage
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -102,9 +112,9 @@ def test_an_empty_adapter_is_refused(tmp_path) -> None:
     save_file(
         {"a.lora_A.weight": torch.ones(2, 2), "a.lora_B.weight": torch.empty(0)}, tmp_path / "x.safetensors"
     )
-    with pytest.raises(RuntimeError, match=r"tensor a\.lora_B\.weight is empty"):
+    with pytest.raises(CheckpointError, match=r"tensor a\.lora_B\.weight is empty"):
         check_not_empty(tmp_path)
-    with pytest.raises(RuntimeError, match="no weights"):
+    with pytest.raises(CheckpointError, match="no weights"):
         check_not_empty(tmp_path / "nothing")
 
 
@@ -114,3 +124,23 @@ def test_mlflow_params_are_the_flattened_spec() -> None:
     assert params["data.sources.0.uri"] == "a.jsonl"
     assert params["distributed.zero_stage"] == "2"
     assert all(len(v) <= 6000 for v in params.values())
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "llama3"])
+def test_the_served_prompt_is_the_evaluated_prompt(tokenizer, template) -> None:
+    """The served model renders a placeholder answer; evaluation renders the real one: both must give the
+    model the same tokens, and those tokens are exactly the training prompt (everything before the answer)."""
+    from tuneplane.data.formats import Conversation, Message
+    from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
+    from tuneplane.generation import prompt_ids, stop_token_ids
+
+    def conversation(answer: str) -> Conversation:
+        return Conversation((Message("user", "Is 41 even or odd?", "think"), Message("assistant", answer)))
+
+    served = prompt_ids(conversation("x"), template, tokenizer)
+    evaluated = prompt_ids(conversation("odd"), template, tokenizer)
+    assert served == evaluated and served
+    ids, labels = SegmentTokenizer(tokenizer).encode([render(conversation("odd"), template, tokenizer)])[0]
+    assert ids[: len(served)].tolist() == served and labels[len(served)] != IGNORE_INDEX
+    assert (labels[: len(served)] == IGNORE_INDEX).all()
+    assert tokenizer.eos_token_id in stop_token_ids(tokenizer)

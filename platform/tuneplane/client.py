@@ -17,25 +17,30 @@ from typing import Any
 
 import httpx
 
+from tuneplane.errors import TuneplaneError
+from tuneplane.home import Home
 from tuneplane.spec import TuningSpec, load_spec
+from tuneplane.states import TERMINAL, JobState
 
 DEFAULT_URL = "http://127.0.0.1:8421"
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
-class ApiError(RuntimeError):
+class ApiError(TuneplaneError):
     """A problem+json answer: `status`, `title`, and `errors` naming each field at fault."""
 
     def __init__(self, status: int, title: str, detail: str = "", errors: list[dict[str, str]] | None = None):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors or []
         super().__init__(f"{status} {title}" + (f": {detail}" if detail else ""))
 
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return [(e.get("field", ""), e.get("message", "")) for e in self.errors] or [("", str(self))]
+
 
 def _default_token() -> str | None:
     if os.environ.get("TUNEPLANE_TOKEN"):
         return os.environ["TUNEPLANE_TOKEN"]
-    home = Path(os.environ.get("TUNEPLANE_HOME", Path.home() / ".cache" / "tuneplane"))
-    path = home / "token"  # written by a local `tuneplane serve`
+    path = Home.default().token  # written by a local `tuneplane serve`
     return path.read_text().strip() if path.exists() else None
 
 
@@ -113,7 +118,7 @@ class Client:
         while True:
             job = self.job(job_id)
             if on_progress:
-                metrics = self.metrics(job_id) if job["state"] in ("RUNNING", *TERMINAL) else {}
+                metrics = self.metrics(job_id) if job["state"] in (JobState.RUNNING, *TERMINAL) else {}
                 on_progress(job, metrics)
             if job["state"] in TERMINAL:
                 return job

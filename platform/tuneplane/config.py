@@ -15,9 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneplane.spec import SpecError
-
-DEFAULT_HOME = Path(os.environ.get("TUNEPLANE_HOME", Path.home() / ".cache" / "tuneplane"))
+from tuneplane.errors import ConfigError
+from tuneplane.home import DEFAULT_HOME, Home, default_home
 
 
 class _Strict(BaseModel):
@@ -115,7 +114,9 @@ class KubeRayBackend(_Strict):
 class PlatformConfig(_Strict):
     backend: Literal["local", "kuberay"] = "local"
     home: Path = Field(
-        DEFAULT_HOME, description="Where the embedded default keeps its database, runs and logs."
+        default_factory=default_home,
+        description="Where the embedded default keeps its database, runs and logs. Env: TUNEPLANE_HOME.",
+        json_schema_extra={"default": DEFAULT_HOME},  # not this machine's home folder
     )
     database_url: str = Field(
         "", description="SQLAlchemy URL; default SQLite in `home`. Env: TUNEPLANE_DATABASE_URL."
@@ -151,12 +152,12 @@ class PlatformConfig(_Strict):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> PlatformConfig:
-        home = self.home.expanduser()
-        self.home = home
-        self.database_url = self.database_url or f"sqlite:///{home / 'tuneplane.db'}"
-        self.tracking_uri = self.tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
-        self.artifact_root = self.artifact_root or str(home / "mlartifacts")
-        self.storage_path = self.storage_path or str(home / "runs")
+        self.home = self.home.expanduser()
+        home = Home(self.home)
+        self.database_url = self.database_url or home.database_url
+        self.tracking_uri = self.tracking_uri or home.tracking_uri
+        self.artifact_root = self.artifact_root or str(home.artifact_root)
+        self.storage_path = self.storage_path or str(home.runs)
         known = set(self.gpu_pools)
         for team in self.teams:
             unknown = set(team.gpu_pools) - known
@@ -189,14 +190,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise SpecError([("", f"cannot read config: {exc}")], source) from None
+            raise ConfigError([("", f"cannot read config: {exc}")], source) from None
     if os.environ.get("TUNEPLANE_DATABASE_URL"):
         data["database_url"] = os.environ["TUNEPLANE_DATABASE_URL"]
-    if os.environ.get("TUNEPLANE_HOME") and "home" not in data:
-        data["home"] = os.environ["TUNEPLANE_HOME"]
     data.update(overrides or {})
     try:
         return PlatformConfig.model_validate(data)
     except ValidationError as exc:
         problems = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
-        raise SpecError(problems, source) from None
+        raise ConfigError(problems, source) from None

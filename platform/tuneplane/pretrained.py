@@ -1,4 +1,4 @@
-"""Locating pretrained checkpoints: a local path, an object-storage URI (copied once per node), or a hub id.
+"""Loading pretrained checkpoints from a local path, an object-storage URI (copied once per node), or a hub id.
 
 Loading itself is always Hugging Face `from_pretrained` on a local folder, the same code path a user runs.
 """
@@ -8,14 +8,15 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
 
-from tuneplane.spec import ModelSpec, is_local_path
+from tuneplane.errors import PretrainedError
+from tuneplane.home import pretrained_cache
+from tuneplane.spec import ModelSpec, is_local_path, model_location_kind
 
 TOKENIZER_FILES = (
     "tokenizer*",
@@ -31,14 +32,6 @@ TOKENIZER_FILES = (
 _COMPLETE = ".tuneplane-complete"
 
 
-class PretrainedError(RuntimeError):
-    pass
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TUNEPLANE_CACHE", Path.home() / ".cache" / "tuneplane")) / "pretrained"
-
-
 def local_copy(uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | None = None) -> Path:
     """A local folder holding the checkpoint at `uri`. Object storage is copied once; concurrent callers on
     the node wait on a file lock, and a copy without its completion marker is never used."""
@@ -49,7 +42,7 @@ def local_copy(uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | N
         return path
     fs, root = url_to_fs(uri)
     key = hashlib.sha256(f"{uri}|{'|'.join(patterns)}".encode()).hexdigest()[:16]
-    target = (cache_dir or cache_root()) / key
+    target = (cache_dir or pretrained_cache()) / key
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -75,27 +68,37 @@ def local_copy(uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | N
     return target
 
 
+def from_pretrained(
+    cls: Any,
+    location: str,
+    revision: str | None = None,
+    files: tuple[str, ...] = ("*",),
+    **kwargs: Any,
+) -> Any:
+    """`cls.from_pretrained` (a transformers Auto class) on a model location: the one way base models and
+    tokenizers are loaded. A hub id goes to the hub as it is; a local folder is used in place; from an
+    object-storage URI the `files` are copied to this node first."""
+    kind = model_location_kind(location)
+    if kind == "hub":
+        source = location
+    else:
+        source, revision = str(local_copy(location, files)), None  # a revision names a hub commit only
+    try:
+        return cls.from_pretrained(source, revision=revision, **kwargs)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise PretrainedError(
+                f"{location}: not a local path or URI, and not loadable from the hub here "
+                f"({type(exc).__name__}); mirror it to object storage and use its URI"
+            ) from None
+        raise PretrainedError(f"{location}: cannot load: {exc}") from None
+
+
 def load_tokenizer(model: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     location = model.tokenizer or model.base
-    if is_local_path(location) and not location.startswith(("/", ".", "~")) and not Path(location).exists():
-        return _from_hub(AutoTokenizer, location, model.revision)
-    path = local_copy(location, TOKENIZER_FILES)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise PretrainedError(f"{location}: cannot load tokenizer: {exc}") from None
+    tokenizer = from_pretrained(AutoTokenizer, location, model.revision, TOKENIZER_FILES)
     if not getattr(tokenizer, "is_fast", False):
         raise PretrainedError(f"{location}: a fast (tokenizer.json) tokenizer is required")
     return tokenizer
-
-
-def _from_hub(cls: Any, hub_id: str, revision: str | None) -> Any:
-    try:
-        return cls.from_pretrained(hub_id, revision=revision)
-    except OSError as exc:
-        raise PretrainedError(
-            f"{hub_id}: not a local path and not loadable from the hub here ({exc.__class__.__name__}); "
-            "mirror it to object storage and use its URI"
-        ) from None

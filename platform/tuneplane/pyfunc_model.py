@@ -7,6 +7,7 @@ model.predict(pd.DataFrame({"instruction": [...], "input": [...]}))
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -17,7 +18,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from tuneplane.pretrained import local_copy
+        from tuneplane.pretrained import from_pretrained
 
         config = context.model_config
         model_dir = context.artifacts["model"]
@@ -25,52 +26,33 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.template = config["template"]
         self.system_prompt = config.get("system_prompt") or None
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
-        from pathlib import Path
-
         if (Path(model_dir) / "adapter_config.json").exists():
             from peft import PeftModel
 
-            base = context.artifacts.get("base") or str(local_copy(config["base_uri"]))
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            # The base shipped with the model (embedded default), else loaded from where training found it.
+            base = context.artifacts.get("base") or config["base_uri"]
+            model = from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32)
             self.model = PeftModel.from_pretrained(model, model_dir)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.model.eval()
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        import torch
-
         from tuneplane.data.formats import Conversation, Message
-        from tuneplane.data.templates import SegmentTokenizer, render
+        from tuneplane.data.templates import SegmentTokenizer
+        from tuneplane.generation import GENERATION_BATCH, generate, prompt_ids
 
-        records = _as_records(model_input)
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
         segments = SegmentTokenizer(self.tokenizer)
-        stop = [self.tokenizer.eos_token_id] + [
-            self.tokenizer.convert_tokens_to_ids(t)
-            for t in ("<|im_end|>", "<|eot_id|>")
-            if t in self.tokenizer.get_vocab()
-        ]
-        outputs = []
-        for instruction, extra in records:
+        prompts = []
+        for instruction, extra in _as_records(model_input):
             messages = [Message("system", self.system_prompt)] if self.system_prompt else []
-            # Render with a placeholder answer and keep only the prompt part: the exact training-time layout.
+            # A placeholder answer: the prompt is everything before it, exactly as training rendered it.
             messages += [Message("user", instruction, extra), Message("assistant", "x")]
-            ids, labels = segments.encode(
-                [render(Conversation(tuple(messages)), self.template, self.tokenizer)]
-            )[0]
-            prompt = ids[: int((labels != -100).argmax())].tolist()
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=torch.tensor([prompt]),
-                    max_new_tokens=max_new,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                )
-            outputs.append(
-                self.tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True).strip()
-            )
+            prompts.append(prompt_ids(Conversation(tuple(messages)), self.template, self.tokenizer, segments))
+        outputs: list[str] = []
+        for i in range(0, len(prompts), GENERATION_BATCH):
+            outputs += generate(self.model, self.tokenizer, prompts[i : i + GENERATION_BATCH], max_new)
         return outputs
 
 

@@ -7,6 +7,7 @@ runs on a laptop, in CI and on a GPU cluster.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneplane.errors import SpecError
 
 SPEC_VERSION: Literal["tuneplane/v1"] = "tuneplane/v1"
 
@@ -41,20 +44,10 @@ _URI_SECRET_HINTS = re.compile(
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A model-hub id: `name` or `org/name`, starting with a letter or digit (never '.', '/' or '~').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
-
-class SpecError(ValueError):
-    """A spec that cannot be accepted. `problems` holds (field path, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        prefix = f"{source}: " if source else ""
-        lines = [f"{prefix}{path}: {msg}" if path else f"{prefix}{msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str]], str | None]]:
-        return (SpecError, (self.problems, self.source))
+LocationKind = Literal["uri", "path", "hub"]
 
 
 class _Strict(BaseModel):
@@ -79,7 +72,9 @@ def _check_uri(value: str) -> str:
 class ModelSpec(_Strict):
     """The pretrained base model."""
 
-    base: str = Field(description="Local path, object-storage URI (s3://, gs://, az://, file://) or hub id.")
+    base: str = Field(
+        description="Object-storage URI (s3://, gs://, az://), hub id (org/name) or local folder (/x, ./x, ~/x)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
     tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `base`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -87,6 +82,14 @@ class ModelSpec(_Strict):
     )
 
     _uri = field_validator("base", "tokenizer")(lambda v: None if v is None else _check_uri(v))
+
+    @property
+    def base_kind(self) -> LocationKind:
+        return model_location_kind(self.base)
+
+    @property
+    def tokenizer_location(self) -> str:
+        return self.tokenizer or self.base
 
 
 class InstructionTemplate(_Strict):
@@ -405,27 +408,41 @@ def parse_spec_text(text: str, source: str = "<spec>", base_dir: Path | None = N
 
 
 def is_local_path(value: str) -> bool:
+    """For data sources and run storage: anything without a `scheme://` is a local path."""
     return not _SCHEME.match(value)
 
 
-def _looks_like_path(value: str) -> bool:
-    """For model locations: hub ids ('org/name') stay as they are; './x', '../x', '/x' and '~' are paths."""
-    return value.startswith(("/", "./", "../", "~")) or value in {".", ".."}
+def model_location_kind(value: str) -> LocationKind:
+    """What a model or tokenizer location names; decided here and nowhere else. `scheme://...` is a URI
+    (object storage, or file://); `org/name` or `name` is a model-hub id; anything else is a local path, so
+    a local folder is written `/x`, `./x`, `../x` or `~/x` (`.cache/x` is a path too: hub ids never start
+    with a dot)."""
+    if _SCHEME.match(value):
+        return "uri"
+    return "hub" if _HUB_ID.match(value) else "path"
+
+
+def spec_hash(spec: TuningSpec) -> str:
+    """A spec's identity: the SHA-256 (64 hex digits) of its canonical JSON. The job record, its MLflow run
+    and its registered versions all carry this one value, so each can be joined to the others."""
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def resolve_paths(spec: TuningSpec, base_dir: Path) -> TuningSpec:
-    """Make relative local paths absolute so the spec means the same thing from any working directory."""
+    """Make relative local paths absolute so the spec means the same thing from any working directory.
+    Absolute paths are kept as written: a spec the platform stored comes back from its file unchanged."""
 
     def resolve(value: str) -> str:
-        return str((base_dir / Path(value).expanduser()).resolve())
+        path = Path(value).expanduser()
+        return value if path.is_absolute() and not value.startswith("~") else str((base_dir / path).resolve())
 
     def fix_source(src: SourceSpec) -> SourceSpec:
         return src.model_copy(update={"uri": resolve(src.uri)}) if is_local_path(src.uri) else src
 
     model_update = {
-        key: resolve(getattr(spec.model, key))
+        key: resolve(location)
         for key in ("base", "tokenizer")
-        if getattr(spec.model, key) and _looks_like_path(getattr(spec.model, key))
+        if (location := getattr(spec.model, key)) and model_location_kind(location) == "path"
     }
     data = spec.data.model_copy(
         update={

@@ -10,18 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from tuneplane.spec import TuningSpec, is_local_path
+from tuneplane.spec import TuningSpec, spec_hash
 
 JOB_TAG = "tuneplane.job_id"
 ATTEMPTS_TAG = "tuneplane.attempts"
+SPEC_HASH_TAG = "tuneplane.spec_hash"  # tuneplane.spec.spec_hash: the same value the job record holds
+BASE_MODEL_TAG = "tuneplane.base_model"
+FINGERPRINT_TAG = "tuneplane.dataset_fingerprint"
 _PARAM_LIMIT = 6000
-
-
-def spec_hash(spec: TuningSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dataset_fingerprint(spec: TuningSpec) -> str:
@@ -53,57 +54,119 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return {k: v[:_PARAM_LIMIT] for k, v in out.items()}
 
 
-def start_job_run(spec: TuningSpec, job_id: str, tracking_uri: str, artifact_root: str | None = None) -> str:
-    """The job's run, created on the first attempt and reused (attempt count raised) on every later one."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param, RunStatus
+class JobRun:
+    """A job's MLflow run and every write to it, behind four hooks (anchor: Ray Train v2's callbacks):
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    name = spec.tracking.experiment or spec.name
+        start   (driver)  create the run, or reuse it on a later attempt and count the attempt
+        report  (rank 0)  step metrics, params the workers learn (parameter counts)
+        finish  (driver)  final metrics, the pyfunc model, the registry version; the run ends FINISHED
+        fail / kill       the run ends FAILED / KILLED
+
+    A run ends once: the first end wins (a SIGTERM's KILLED is not overwritten by the FAILED that follows as the
+    driver unwinds). Without a tracking URI every hook does nothing, so callers never check.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, run_id: str | None = None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._ended = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracking_uri and self.run_id)
+
+    @classmethod
+    def start(
+        cls, spec: TuningSpec, job_id: str, tracking_uri: str | None, artifact_root: str | None = None
+    ) -> JobRun:
+        """The job's run, created on the first attempt and reused (attempt count raised) on every later one."""
+        if not tracking_uri:
+            return cls()
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunStatus
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = _experiment(client, spec.tracking.experiment or spec.name, artifact_root)
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            attempts = int(found[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        else:
+            tags = {
+                JOB_TAG: job_id,
+                SPEC_HASH_TAG: spec_hash(spec),
+                BASE_MODEL_TAG: spec.model.base,
+                FINGERPRINT_TAG: dataset_fingerprint(spec),
+                "tuneplane.method": spec.method.type,
+            }
+            run_id = client.create_run(experiment_id, run_name=job_id, tags=tags).info.run_id
+            params = [Param(k, v) for k, v in flatten(spec.to_dict()).items()]
+            for i in range(0, len(params), 100):
+                client.log_batch(run_id, params=params[i : i + 100])
+            attempts = 1
+        client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+        return cls(tracking_uri, run_id)
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client().log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params learnt while running (identical on every attempt: MLflow refuses a changed value)."""
+        if self.enabled:
+            from mlflow.entities import Param
+
+            batch = [Param(k, str(v)) for k, v in params.items()]
+            self._client().log_batch(self.run_id, params=batch)
+
+    def log_data_report(self, report: dict[str, Any]) -> None:
+        """The preflight report (counts, bad records, lengths, trained-token share) as a run artifact."""
+        if self.enabled:
+            self._client().log_dict(self.run_id, report, "data/preflight.json")
+
+    def finish(self, spec: TuningSpec, job_id: str, model_dir: Path, metrics: dict[str, Any]) -> str | None:
+        """Publish the tuned model and end the run FINISHED; returns `models:/NAME/VERSION` when registered."""
+        model_uri = None
+        if self.enabled:
+            assert self.tracking_uri and self.run_id
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            model_uri = _publish_model(spec, job_id, self.run_id, model_dir, self.tracking_uri, numbers)
+        self._end("FINISHED")
+        return model_uri
+
+    def fail(self) -> None:
+        self._end("FAILED")
+
+    def kill(self) -> None:
+        self._end("KILLED")
+
+    def _end(self, status: str) -> None:
+        if self._ended.acquire(blocking=False) and self.enabled:
+            self._client().set_terminated(self.run_id, status=status)
+
+    def _client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def _experiment(client: Any, name: str, artifact_root: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        # An absolute artifact location: otherwise artifacts land in whatever cwd a Ray worker has.
-        location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
-        experiment_id = client.create_experiment(name, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        attempts = int(found[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    else:
-        tags = {
-            JOB_TAG: job_id,
-            "tuneplane.spec_hash": spec_hash(spec),
-            "tuneplane.base_model": spec.model.base,
-            "tuneplane.dataset_fingerprint": dataset_fingerprint(spec),
-            "tuneplane.method": spec.method.type,
-        }
-        run_id = client.create_run(experiment_id, run_name=job_id, tags=tags).info.run_id
-        params = [Param(k, v) for k, v in flatten(spec.to_dict()).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
-        attempts = 1
-    client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
-    return run_id
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    # An absolute artifact location: otherwise artifacts land in whatever cwd a Ray worker has.
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+    return str(client.create_experiment(name, artifact_location=location))
 
 
-def log_data_report(tracking_uri: str, run_id: str, report: dict[str, Any]) -> None:
-    """The preflight report (counts, bad records, lengths, trained-token share) as a run artifact."""
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=tracking_uri).log_dict(run_id, report, "data/preflight.json")
-
-
-def end_job_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """status: FINISHED, FAILED or KILLED."""
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
-
-
-def publish_model(
+def _publish_model(
     spec: TuningSpec, job_id: str, run_id: str, model_dir: Path, tracking_uri: str, metrics: dict[str, float]
 ) -> str | None:
     """Log the tuned model as a pyfunc in the job's run and register it; returns `models:/NAME/VERSION`."""
@@ -127,15 +190,15 @@ def publish_model(
         "max_new_tokens": spec.eval.max_new_tokens,
     }
     is_adapter = (model_dir / "adapter_config.json").exists()
-    if is_adapter and is_local_path(spec.model.base) and Path(spec.model.base).is_dir():
+    if is_adapter and spec.model.base_kind == "path":
         artifacts["base"] = (
             spec.model.base
         )  # the embedded default: ship the base so the model is self-contained
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(metrics)
         if spec.tracking.export_merged and is_adapter:
             with tempfile.TemporaryDirectory() as merged:
-                _merge(artifacts.get("base") or spec.model.base, model_dir, Path(merged))
+                _merge(spec.model.base, model_dir, Path(merged))
                 mlflow.log_artifacts(merged, "merged")
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -148,16 +211,9 @@ def publish_model(
         return None
     # Tagged on the run when it was created: listing every data file again here would repeat that I/O.
     run_tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    version = mlflow.register_model(
-        info.model_uri,
-        name,
-        tags={
-            JOB_TAG: job_id,
-            "tuneplane.base_model": spec.model.base,
-            "tuneplane.spec_hash": run_tags["tuneplane.spec_hash"],
-            "tuneplane.dataset_fingerprint": run_tags["tuneplane.dataset_fingerprint"],
-        },
-    )
+    tags = {JOB_TAG: job_id, BASE_MODEL_TAG: spec.model.base}
+    tags |= {key: run_tags[key] for key in (SPEC_HASH_TAG, FINGERPRINT_TAG)}
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     return f"models:/{name}/{version.version}"
 
 
@@ -166,9 +222,9 @@ def _merge(base: str, adapter_dir: Path, out: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneplane.pretrained import local_copy
+    from tuneplane.pretrained import from_pretrained
 
-    model = AutoModelForCausalLM.from_pretrained(str(local_copy(base)) if "://" in base else base)
+    model = from_pretrained(AutoModelForCausalLM, base)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))
@@ -235,8 +291,8 @@ def model_versions(tracking_uri: str, job_ids: set[str] | None = None) -> list[d
                 "uri": f"models:/{version.name}/{version.version}",
                 "job_id": job_id,
                 "run_id": version.run_id,
-                "base_model": version.tags.get("tuneplane.base_model"),
-                "spec_hash": version.tags.get("tuneplane.spec_hash"),
+                "base_model": version.tags.get(BASE_MODEL_TAG),
+                "spec_hash": version.tags.get(SPEC_HASH_TAG),
                 "created_at": version.creation_timestamp,
             }
         )

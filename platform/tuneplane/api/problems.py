@@ -1,8 +1,13 @@
-"""Errors as RFC 9457 problem+json, each naming the field at fault; never a stack trace."""
+"""Errors as RFC 9457 problem+json, each naming the field at fault; never a stack trace.
+
+Every deliberate error is a `TuneplaneError`; `_ANSWERS` says which HTTP status each kind gets. Anything else is
+a bug: logged, and answered 500 without detail.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,16 +16,30 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tuneplane.spec import SpecError
-from tuneplane.store import Conflict, InvalidTransition, NotFound
+from tuneplane.errors import BackendError, Conflict, InputError, NotFound, TuneplaneError
 
 log = logging.getLogger("tuneplane.api")
 PROBLEM = "application/problem+json"
 
+# (error class, status, title), first match wins.
+_ANSWERS: list[tuple[type[TuneplaneError], int, str]] = [
+    (InputError, 422, "invalid spec"),
+    (NotFound, 404, "not found"),
+    (Conflict, 409, "conflict"),
+    (BackendError, 503, "backend unavailable"),
+]
 
-class Problem(Exception):
+
+class Problem(TuneplaneError):
+    """An answer decided by the API itself (401, 413, 503...), raised from a route or a dependency."""
+
     def __init__(self, status: int, title: str, detail: str = "", errors: list[dict[str, str]] | None = None):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors
+        super().__init__(detail or title)
+
+
+def field_errors(problems: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"field": field, "message": message} for field, message in problems]
 
 
 def problem_response(
@@ -34,22 +53,27 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers or None)
 
 
-def spec_problem(exc: SpecError, title: str = "invalid spec") -> Problem:
-    errors = [{"field": path, "message": msg} for path, msg in exc.problems]
-    detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
-    return Problem(422, title, detail, errors)
+def _answer(exc: TuneplaneError) -> JSONResponse:
+    if isinstance(exc, Problem):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return problem_response(exc.status, exc.title, exc.detail, exc.errors, **headers)
+    for cls, status, title in _ANSWERS:
+        if isinstance(exc, cls):
+            if isinstance(exc, InputError):
+                errors = field_errors(exc.problems)
+                detail = "; ".join(
+                    f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors
+                )
+                return problem_response(status, title, detail, errors)
+            return problem_response(status, title, str(exc))
+    log.error("unanswered %s: %s", type(exc).__name__, exc)
+    return problem_response(500, "internal error", "the error was logged; nothing was changed")
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(Problem)
-    async def _problem(_: Request, exc: Problem) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return problem_response(exc.status, exc.title, exc.detail, exc.errors, **headers)
-
-    @app.exception_handler(SpecError)
-    async def _spec(_: Request, exc: SpecError) -> JSONResponse:
-        p = spec_problem(exc)
-        return problem_response(p.status, p.title, p.detail, p.errors)
+    @app.exception_handler(TuneplaneError)
+    async def _tuneplane(_: Request, exc: TuneplaneError) -> JSONResponse:
+        return _answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,18 +88,6 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
         return problem_response(exc.status_code, str(exc.detail), "", None, **headers)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return problem_response(404, "not found", str(exc))
-
-    @app.exception_handler(Conflict)
-    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
-        return problem_response(409, "conflict", str(exc))
-
-    @app.exception_handler(InvalidTransition)
-    async def _transition(_: Request, exc: InvalidTransition) -> JSONResponse:
-        return problem_response(409, "conflict", str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from tuneplane.store import Job, JobEvent
+from tuneplane.states import JobState
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -19,33 +19,39 @@ Time = Annotated[datetime, AfterValidator(_utc)]
 OptionalTime = Annotated[datetime | None, AfterValidator(_utc)]
 
 
+def _count(value: Any) -> Any:
+    return len(value) if isinstance(value, list) else value
+
+
 class JobOut(BaseModel):
+    """A job as listed; read from the job record (`from_attributes`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     team: str
     name: str
-    state: str
+    state: JobState
     message: str
     cancel_requested: bool
     priority: int
     gpus: int
     gpu_pool: str | None
     model_uri: str | None
-    attempts: int
+    spec_hash: str = Field(
+        description="SHA-256 of the spec; the job's MLflow run and model versions carry it."
+    )
+    attempts: Annotated[int, BeforeValidator(_count)] = Field(description="Hand-overs to a backend so far.")
     created_at: Time
     submitted_at: OptionalTime
     started_at: OptionalTime
     finished_at: OptionalTime
-    spec: dict[str, Any] | None = None
 
-    @classmethod
-    def of(cls, job: Job, with_spec: bool = False) -> JobOut:
-        return cls(
-            id=job.id, team=job.team, name=job.name, state=job.state, message=job.message,
-            cancel_requested=job.cancel_requested, priority=job.priority, gpus=job.gpus, gpu_pool=job.gpu_pool,
-            model_uri=job.model_uri, attempts=len(job.attempts), created_at=job.created_at,
-            submitted_at=job.submitted_at, started_at=job.started_at, finished_at=job.finished_at,
-            spec=job.spec if with_spec else None,
-        )  # fmt: skip
+
+class JobDetail(JobOut):
+    """One job, with the spec it was submitted with."""
+
+    spec: dict[str, Any]
 
 
 class JobList(BaseModel):
@@ -58,15 +64,11 @@ class EventOut(BaseModel):
 
     id: int
     at: Time
-    kind: str
-    from_state: str | None
-    to_state: str | None
+    kind: Literal["state", "info"]
+    from_state: JobState | None
+    to_state: JobState | None
     actor: str
     message: str
-
-    @classmethod
-    def of(cls, event: JobEvent) -> EventOut:
-        return cls.model_validate(event)
 
 
 class MetricPoint(BaseModel):
@@ -76,7 +78,7 @@ class MetricPoint(BaseModel):
 
 class JobMetrics(BaseModel):
     job_id: str
-    state: str
+    state: JobState
     run_id: str | None
     run_status: str | None
     step: int | None
@@ -96,16 +98,16 @@ class ModelVersionOut(BaseModel):
     created_at: int | None
 
 
-class ValidationReport(BaseModel):
-    ok: bool
-    spec: dict[str, Any]
-    problems: list[dict[str, str]]
-    data: dict[str, Any] | None = None
-
-
 class FieldProblem(BaseModel):
     field: str
     message: str
+
+
+class ValidationReport(BaseModel):
+    ok: bool
+    spec: dict[str, Any]
+    problems: list[FieldProblem]
+    data: dict[str, Any] | None = None
 
 
 class ProblemOut(BaseModel):

@@ -1,4 +1,4 @@
-"""The one interface every backend implements: submit, status, cancel, logs for a job.
+"""The one interface every backend implements: submit, status, cancel, logs, watch and close.
 
 The reconciler owns all job state; a backend only starts, reports on and stops what runs. `submit` is
 idempotent by job id (a second call for a job already started starts nothing), so a control plane that crashes
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 from tuneplane.spec import TuningSpec
 
@@ -38,12 +38,7 @@ class BackendJob:
 @dataclass(frozen=True)
 class RunStatus:
     phase: RunPhase
-    message: str = ""
-    details: dict[str, Any] | None = None
-
-
-class BackendError(RuntimeError):
-    """The backend could not do what was asked; the message is safe to show (no secrets)."""
+    message: str = ""  # safe to show: no secrets
 
 
 class Backend(Protocol):
@@ -59,4 +54,13 @@ class Backend(Protocol):
 
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
         """The job's log lines; with follow, keep yielding until the job ends."""
+        ...
+
+    def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:
+        """(job id, status) as jobs in `namespace` change, for up to timeout_seconds: wakes the reconciler
+        early. The reconciler polls too, so a watch may miss changes; it must not invent them."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; called once when the control plane shuts down."""
         ...

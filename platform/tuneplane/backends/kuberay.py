@@ -25,8 +25,9 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
-from tuneplane.backends.base import BackendError, BackendJob, RunPhase, RunStatus
+from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.config import GpuPool, PlatformConfig
+from tuneplane.errors import BackendError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 SPEC_DIR = "/etc/tuneplane/spec"
@@ -240,7 +241,6 @@ def rayjob_status(obj: dict[str, Any]) -> RunStatus:
     deployment = status.get("jobDeploymentStatus") or ""
     job_status = status.get("jobStatus") or ""
     message = status.get("message") or status.get("reason") or ""
-    details = {k: status[k] for k in ("jobDeploymentStatus", "jobStatus", "reason", "failed") if k in status}
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         phase = RunPhase.STOPPED
     elif deployment == "Complete":
@@ -253,7 +253,7 @@ def rayjob_status(obj: dict[str, Any]) -> RunStatus:
         phase = RunPhase.PENDING
         if deployment in ("Suspending", "Suspended") and not message:
             message = "suspended: waiting for admission"
-    return RunStatus(phase, message, details or None)
+    return RunStatus(phase, message)
 
 
 class KubeRayBackend:

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from tuneplane.backends.base import BackendError, BackendJob, RunPhase, RunStatus
+from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.config import PlatformConfig
+from tuneplane.errors import BackendError
+from tuneplane.home import Home
 
 _KILL_GRACE_S = 30  # the entrypoint marks its MLflow run KILLED within its own 20 s grace
+_WATCH_POLL_S = 1.0
 
 
 class LocalBackend:
@@ -31,7 +34,8 @@ class LocalBackend:
 
     def __init__(self, config: PlatformConfig):
         self.config = config
-        self.root = config.home / "jobs"
+        self.root = Home(config.home).jobs
+        self._closed = threading.Event()
 
     def job_dir(self, job: BackendJob) -> Path:
         return self.root / job.id
@@ -42,6 +46,7 @@ class LocalBackend:
             return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "spec.yaml").write_text(yaml.safe_dump(job.spec.to_dict(), sort_keys=False))
+        (folder / "namespace").write_text(job.namespace)
         env = {
             **os.environ,
             "TUNEPLANE_JOB_ID": job.id,
@@ -70,22 +75,24 @@ class LocalBackend:
         threading.Thread(target=proc.wait, name=f"reap-{job.id}", daemon=True).start()
 
     def status(self, job: BackendJob) -> RunStatus:
-        folder = self.job_dir(job)
-        pid_file, exit_file = folder / "pid", folder / "exit_code"
-        if not pid_file.exists():
-            return RunStatus(RunPhase.MISSING)
-        pid = int(pid_file.read_text())
-        ended = exit_file.exists() or not _alive(pid)
-        if not ended:
-            return RunStatus(RunPhase.RUNNING)
-        if (folder / "cancelled").exists():
-            return RunStatus(RunPhase.STOPPED, "cancelled")
-        if not exit_file.exists():
-            return RunStatus(RunPhase.FAILED, "the training process ended without an exit code (killed?)")
-        code = int(exit_file.read_text().strip() or "1")
-        if code == 0:
-            return RunStatus(RunPhase.SUCCEEDED)
-        return RunStatus(RunPhase.FAILED, _failure_message(folder / "train.log", code))
+        return _status(self.job_dir(job))
+
+    def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:
+        """Jobs of `namespace` as they end (their runner records an exit code), polled every second."""
+        deadline = time.monotonic() + timeout_seconds
+        seen = self._ended(namespace)
+        while not self._closed.wait(_WATCH_POLL_S) and time.monotonic() < deadline:
+            ended = self._ended(namespace)
+            for folder in sorted(ended - seen):
+                yield folder.name, _status(folder)
+            seen = ended
+
+    def _ended(self, namespace: str) -> set[Path]:
+        folders = {exit_code.parent for exit_code in self.root.glob("*/exit_code")}
+        return {f for f in folders if _read(f / "namespace") == namespace}
+
+    def close(self) -> None:
+        self._closed.set()
 
     def cancel(self, job: BackendJob) -> None:
         folder = self.job_dir(job)
@@ -115,6 +122,31 @@ class LocalBackend:
                     yield from f  # whatever was written after the last read
                     return
                 time.sleep(0.5)
+
+
+def _status(folder: Path) -> RunStatus:
+    pid_file, exit_file = folder / "pid", folder / "exit_code"
+    if not pid_file.exists():
+        return RunStatus(RunPhase.MISSING)
+    pid = int(pid_file.read_text())
+    ended = exit_file.exists() or not _alive(pid)
+    if not ended:
+        return RunStatus(RunPhase.RUNNING)
+    if (folder / "cancelled").exists():
+        return RunStatus(RunPhase.STOPPED, "cancelled")
+    if not exit_file.exists():
+        return RunStatus(RunPhase.FAILED, "the training process ended without an exit code (killed?)")
+    code = int(exit_file.read_text().strip() or "1")
+    if code == 0:
+        return RunStatus(RunPhase.SUCCEEDED)
+    return RunStatus(RunPhase.FAILED, _failure_message(folder / "train.log", code))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

@@ -9,7 +9,7 @@ Public surface:
 
 from tuneplane.data.packing import Batch
 from tuneplane.data.preflight import PreflightReport, preflight
-from tuneplane.data.records import DataError
 from tuneplane.data.stream import InstructionStream
+from tuneplane.errors import DataError
 
 __all__ = ["Batch", "DataError", "InstructionStream", "PreflightReport", "preflight"]

@@ -13,13 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tuneplane.errors import FormatError
 from tuneplane.spec import SourceSpec
 
 Role = Literal["system", "user", "assistant"]
-
-
-class FormatError(ValueError):
-    """A record that does not fit its declared format; the message names the field."""
 
 
 @dataclass(frozen=True, slots=True)

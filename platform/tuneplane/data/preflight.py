@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from tuneplane.data.records import DataError, RawRecord
+from tuneplane.data.records import RawRecord
 from tuneplane.data.stream import InstructionStream, SourceStats
 from tuneplane.data.templates import IGNORE_INDEX
+from tuneplane.errors import DataError
 from tuneplane.spec import DataSpec, SourceSpec, TuningSpec
 
 HISTOGRAM_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 1 << 40)

@@ -16,22 +16,13 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from tuneplane.errors import DataError
+
 # s3fs re-reads a block per readline on a raw binary file; a large block plus a BufferedReader streams at
 # full speed (see shared stack notes). Peak memory per open file is a few blocks.
 READ_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 PARQUET_BATCH_ROWS = 1024
-
-
-class DataError(ValueError):
-    """A problem in the data, located as `uri:line` when it concerns one record."""
-
-    def __init__(self, uri: str, reason: str, line: int | None = None):
-        self.uri, self.reason, self.line = uri, reason, line
-        super().__init__(f"{uri}:{line}: {reason}" if line is not None else f"{uri}: {reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:  # travels between Ray processes intact
-        return (DataError, (self.uri, self.reason, self.line))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tuneplane.data.formats import FormatError, to_conversation
+from tuneplane.data.formats import to_conversation
 from tuneplane.data.packing import Batch, BestFitPacker, Example, FifoRows, collate
-from tuneplane.data.records import DataError, RawRecord, expand, file_kind, read_records
+from tuneplane.data.records import RawRecord, expand, file_kind, read_records
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
+from tuneplane.errors import DataError, FormatError
 from tuneplane.spec import DataSpec, SourceSpec
 
 STATE_VERSION = 1

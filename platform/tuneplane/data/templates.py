@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tuneplane.data.formats import Conversation, FormatError
+from tuneplane.data.formats import Conversation
+from tuneplane.errors import FormatError
 from tuneplane.spec import TemplateName
 
 IGNORE_INDEX = -100

@@ -1,37 +1,36 @@
-"""The control plane's record of jobs: tables, states, and the operations on them (one place for each)."""
+"""The control plane's record of jobs: tables, and the operations on them (one place for each).
+
+Job states and their transitions are `tuneplane.states`; the errors raised here are in `tuneplane.errors`.
+"""
 
 from tuneplane.store.db import Database
 from tuneplane.store.jobs import (
-    Conflict,
-    NotFound,
     Principal,
+    Usage,
     cancel_job,
     create_job,
+    end_job,
     get_job,
     list_events,
     list_jobs,
+    record_submission,
     transition,
 )
 from tuneplane.store.models import Attempt, Job, JobEvent
-from tuneplane.store.states import ACTIVE, TERMINAL, WAITING, InvalidTransition, JobState
 
 __all__ = [
-    "ACTIVE",
-    "TERMINAL",
-    "WAITING",
     "Attempt",
-    "Conflict",
     "Database",
-    "InvalidTransition",
     "Job",
     "JobEvent",
-    "JobState",
-    "NotFound",
     "Principal",
+    "Usage",
     "cancel_job",
     "create_job",
+    "end_job",
     "get_job",
     "list_events",
     "list_jobs",
+    "record_submission",
     "transition",
 ]

@@ -1,20 +1,21 @@
-"""Operations on job records. Routes and the reconciler call these; nothing else writes a job's state."""
+"""Operations on job records: the only code that writes a job's state, its events and its attempts, and the
+only SQL the routes and the reconciler run."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, defer, selectinload
 
-from tuneplane.spec import TuningSpec
-from tuneplane.store.models import Job, JobEvent, utcnow
-from tuneplane.store.states import WAITING, JobState, check
+from tuneplane.errors import Conflict, NotFound
+from tuneplane.spec import TuningSpec, spec_hash
+from tuneplane.states import ACTIVE, TERMINAL, WAITING, JobState, check
+from tuneplane.store.models import Attempt, Job, JobEvent, utcnow
+
+_SCHEDULE_LOCK = 0x7475_6E65  # "tune": the PostgreSQL advisory lock that serialises scheduling
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,21 @@ class Principal:
         return f"admin:{self.team}" if self.is_admin else self.team
 
 
-class NotFound(LookupError):
-    pass
+@dataclass
+class Usage:
+    """What a team's submitted and running jobs hold: counted against its quota."""
 
-
-class Conflict(ValueError):
-    pass
-
-
-def request_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    jobs: int = 0
+    gpus: int = 0
 
 
 def new_job_id(name: str) -> str:
     # The id names the RayJob, its pods' prefix and the Ray Train run: KubeRay refuses RayJob names over 47
     # characters (it derives longer names from them).
     return f"{name[:38].rstrip('-')}-{secrets.token_hex(4)}"
+
+
+# -- the API's side -------------------------------------------------------------------------------------------
 
 
 def create_job(
@@ -62,8 +62,7 @@ def create_job(
 
     The same key with a different spec is a Conflict: a retry must be the same request.
     """
-    spec_dict = spec.to_dict()
-    digest = request_hash(spec_dict)
+    digest = spec_hash(spec)
     if idempotency_key:
         existing = session.scalar(
             select(Job).where(Job.team == principal.team, Job.idempotency_key == idempotency_key)
@@ -77,7 +76,7 @@ def create_job(
         id=new_job_id(spec.name),
         team=principal.team,
         name=spec.name,
-        spec=spec_dict,
+        spec=spec.to_dict(),
         spec_hash=digest,
         state=JobState.PENDING,
         priority=priority,
@@ -137,6 +136,24 @@ def list_events(session: Session, principal: Principal, job_id: str) -> list[Job
     return list(get_job(session, principal, job_id).events)
 
 
+def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """Waiting jobs are cancelled at once; submitted or running ones are stopped by the reconciler. A job that
+    already ended otherwise is a Conflict."""
+    job = get_job(session, principal, job_id, lock=True)
+    state = JobState(job.state)
+    if state in WAITING:
+        transition(session, job, JobState.CANCELLED, principal.actor, "cancelled before it ran")
+    elif state in ACTIVE and not job.cancel_requested:
+        job.cancel_requested = True
+        session.add(JobEvent(job=job, kind="info", actor=principal.actor, message="cancel requested"))
+    elif state in TERMINAL and state != JobState.CANCELLED:
+        raise Conflict(f"job {job_id} already ended: {state}")
+    return job
+
+
+# -- the reconciler's side ------------------------------------------------------------------------------------
+
+
 def transition(session: Session, job: Job, new: JobState, actor: str, message: str = "") -> None:
     """The one place a job changes state: checks the move, stamps times, records the event."""
     current = JobState(job.state)
@@ -148,27 +165,73 @@ def transition(session: Session, job: Job, new: JobState, actor: str, message: s
         job.submitted_at = now
     elif new == JobState.RUNNING:
         job.started_at = now
-    if new in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+    if new in TERMINAL:
         job.finished_at = now
     session.add(
         JobEvent(job=job, kind="state", from_state=current, to_state=new, actor=actor, message=message)
     )
 
 
-def note(session: Session, job: Job, actor: str, message: str, kind: str = "info") -> None:
-    session.add(JobEvent(job=job, kind=kind, actor=actor, message=message))
+def record_submission(session: Session, job: Job, actor: str, backend: str) -> None:
+    """QUEUED -> SUBMITTED, with a new attempt on `backend`."""
+    transition(session, job, JobState.SUBMITTED, actor, f"submitted to {backend}")
+    session.add(Attempt(job=job, number=len(job.attempts) + 1, backend=backend))
 
 
-def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
-    """Waiting jobs are cancelled at once; submitted or running ones are stopped by the reconciler."""
-    job = get_job(session, principal, job_id, lock=True)
-    state = JobState(job.state)
-    if state in WAITING:
-        transition(session, job, JobState.CANCELLED, principal.actor, "cancelled before it ran")
-    elif state in (JobState.SUBMITTED, JobState.RUNNING) and not job.cancel_requested:
-        job.cancel_requested = True
-        note(session, job, principal.actor, "cancel requested")
-    return job
+def end_job(
+    session: Session, job: Job, state: JobState, actor: str, message: str, model_uri: str | None = None
+) -> None:
+    """A terminal state for the job and its current attempt."""
+    if model_uri:
+        job.model_uri = model_uri
+    transition(session, job, state, actor, message)
+    if job.attempts:
+        attempt = job.attempts[-1]
+        attempt.ended_at, attempt.outcome, attempt.message = utcnow(), state.value, message
+
+
+def set_message(job: Job, message: str) -> None:
+    """A note on the job's current state (a retry pending), without an event: it is replaced, not kept."""
+    job.message = message
+
+
+def ids_in(session: Session, states: frozenset[JobState] | set[JobState]) -> list[str]:
+    """Ids of the jobs in `states`, oldest first."""
+    return list(session.scalars(select(Job.id).where(Job.state.in_(list(states))).order_by(Job.created_at)))
+
+
+def lock_job(session: Session, job_id: str) -> Job | None:
+    """The job under its row lock, or None when another replica holds it (it will handle it)."""
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=True))
+
+
+def lock_scheduling(session: Session) -> None:
+    """Serialise scheduling across replicas for this transaction (PostgreSQL; SQLite writers are serial)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEDULE_LOCK})
+
+
+def usage_by_team(session: Session) -> dict[str, Usage]:
+    """Jobs and GPUs each team's submitted and running jobs hold."""
+    rows = session.execute(
+        select(Job.team, func.count(), func.coalesce(func.sum(Job.gpus), 0))
+        .where(Job.state.in_(list(ACTIVE)))
+        .group_by(Job.team)
+    )
+    return {team: Usage(jobs, gpus) for team, jobs, gpus in rows}
+
+
+def queued_jobs(session: Session, limit: int = 200) -> list[Job]:
+    """Queued jobs under their row locks, in scheduling order: team priority, then age."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.state == JobState.QUEUED)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .with_for_update(skip_locked=True)
+            .limit(limit)
+        )
+    )
 
 
 def deadline_passed(job: Job, max_duration_s: int, now: datetime) -> bool:

@@ -58,7 +58,7 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(16))  # "state" | "info" | "error"
+    kind: Mapped[str] = mapped_column(String(16))  # "state" (a transition) or "info" (e.g. cancel requested)
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str | None] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(63))  # a team name, "admin:<team>" or "reconciler@<host>"

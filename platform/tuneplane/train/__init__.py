@@ -7,6 +7,7 @@ Public surface:
     TrainingFailed  raised when the run fails for good, with the first worker's error as its message
 """
 
-from tuneplane.train.launcher import RunResult, RunSettings, TrainingFailed, run
+from tuneplane.errors import TrainingFailed
+from tuneplane.train.launcher import RunResult, RunSettings, run
 
 __all__ = ["RunResult", "RunSettings", "TrainingFailed", "run"]

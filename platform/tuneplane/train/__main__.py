@@ -13,23 +13,19 @@ import sys
 import time
 from pathlib import Path
 
-from tuneplane.spec import SpecError, load_spec
-from tuneplane.train.launcher import RunSettings, TrainingFailed, run
-
-DEFAULT_HOME = Path(os.environ.get("TUNEPLANE_HOME", Path.home() / ".cache" / "tuneplane"))
+from tuneplane.errors import SpecError, TrainingFailed
+from tuneplane.home import Home
+from tuneplane.spec import load_spec
+from tuneplane.train.launcher import RunSettings, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    home = Home.default()
     parser = argparse.ArgumentParser(prog="python -m tuneplane.train", description=__doc__)
     parser.add_argument("--spec", required=True, help="tuning spec (YAML or JSON)")
     parser.add_argument("--job-id", default=os.environ.get("TUNEPLANE_JOB_ID"))
-    parser.add_argument(
-        "--storage-path", default=os.environ.get("TUNEPLANE_STORAGE_PATH", str(DEFAULT_HOME / "runs"))
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{DEFAULT_HOME / 'mlflow.db'}"),
-    )
+    parser.add_argument("--storage-path", default=os.environ.get("TUNEPLANE_STORAGE_PATH", str(home.runs)))
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", home.tracking_uri))
     parser.add_argument(
         "--artifact-root",
         default=os.environ.get("TUNEPLANE_ARTIFACT_ROOT"),
@@ -38,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
     parser.add_argument("--accelerator-type", default=os.environ.get("TUNEPLANE_ACCELERATOR_TYPE"))
     parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument(
+        "--example-log-dir",
+        default=None,
+        help="log which records each rank trained on at every step (audits)",
+    )
     parser.add_argument(
         "--sample", default=None, help="after training, generate from the registered model once"
     )
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         job_id=args.job_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=args.storage_path,
         tracking_uri=None if args.no_tracking else args.tracking_uri,
-        artifact_root=args.artifact_root or _local_artifact_root(args.tracking_uri),
+        artifact_root=args.artifact_root or _local_artifact_root(args.tracking_uri, home),
         ray_address=args.ray_address,
         accelerator_type=args.accelerator_type,
+        example_log_dir=args.example_log_dir,
     )
     try:
         result = run(spec, settings)
@@ -69,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _local_artifact_root(tracking_uri: str) -> str | None:
+def _local_artifact_root(tracking_uri: str, home: Home) -> str | None:
     """A local tracking database keeps artifacts in the platform's home; a tracking server decides itself."""
-    return str(DEFAULT_HOME / "mlartifacts") if tracking_uri.startswith(("sqlite:", "file:")) else None
+    return str(home.artifact_root) if tracking_uri.startswith(("sqlite:", "file:")) else None
 
 
 def _show_sample(model_uri: str, tracking_uri: str, prompt: str) -> None:

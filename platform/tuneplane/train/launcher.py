@@ -1,18 +1,26 @@
-"""The driver side: turn a spec + the platform's run settings into a Ray Train job, follow it, publish the result."""
+"""The driver side: turn a spec + the platform's run settings into a Ray Train job, follow it, publish the result.
+
+`run` starts (or joins) Ray, handles SIGTERM, and drives the job's MLflow run through its lifecycle hooks
+(`tracking.JobRun`); `build_trainer` is the Ray Train job itself.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tuneplane.spec import TuningSpec, is_local_path
+from tuneplane.errors import CheckpointError, TrainingFailed
+from tuneplane.spec import DistributedSpec, TuningSpec, is_local_path
+from tuneplane.train import checkpointing
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,7 @@ class RunSettings:
     artifact_root: str | None = None  # MLflow artifact location for new experiments
     ray_address: str | None = None  # None: start (or join) a local Ray
     accelerator_type: str | None = None  # from the job's GPU pool, e.g. "H100"
-    extra: dict[str, Any] = field(default_factory=dict)
+    example_log_dir: str | None = None  # each rank logs which records every step trained on (audits, tests)
 
 
 @dataclass
@@ -37,12 +45,113 @@ class RunResult:
     model_dir: str | None
 
 
-class TrainingFailed(RuntimeError):
-    """A run that failed for good; the message is the first worker's error, without Ray's wrapping."""
-
-
 class _Terminated(Exception):
-    pass
+    """Raised in the main thread by the SIGTERM handler, to unwind out of Ray's wait."""
+
+
+_GRACE_S = 20
+
+
+def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
+    from tuneplane.tracking import JobRun
+
+    job_run = JobRun.start(spec, settings.job_id, settings.tracking_uri, settings.artifact_root)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        if job_run.enabled:
+            job_run.log_data_report(_data_report(spec))
+        _start_ray(spec.distributed, settings)
+        # After ray.init, which installs a SIGTERM handler of its own.
+        signal.signal(signal.SIGTERM, _sigterm_handler(job_run.kill))
+        result = _fit(build_trainer(spec, settings, job_run.run_id))
+        final, model_dir = _collect(result, settings)
+        model_uri = job_run.finish(spec, settings.job_id, model_dir, final)
+        return RunResult(settings.job_id, final, model_uri, job_run.run_id, str(model_dir))
+    except (_Terminated, KeyboardInterrupt, SystemExit):
+        job_run.kill()
+        raise
+    except BaseException:
+        job_run.fail()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Locally: no dashboard (never exposed without auth) and enough logical CPUs for the workers.
+    needed = int(dist_spec.num_workers * dist_spec.cpus_per_worker) + 1
+    ray.init(
+        address=settings.ray_address,
+        num_cpus=None if settings.ray_address else max(os.cpu_count() or 1, needed),
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def build_trainer(spec: TuningSpec, settings: RunSettings, run_id: str | None) -> Any:
+    """The Ray Train job: one worker per data-parallel rank, each running the recipe."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tuneplane.train.recipe import WorkerSettings, train_loop
+
+    dist_spec = spec.distributed
+    use_gpu = dist_spec.gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = dist_spec.gpus_per_worker
+    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "settings": worker},
+        scaling_config=ScalingConfig(
+            num_workers=dist_spec.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=settings.accelerator_type if use_gpu else None,
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=settings.job_id,
+            storage_path=settings.storage_path,
+            failure_config=FailureConfig(max_failures=dist_spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep + 1),
+            worker_runtime_env={
+                "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "OMP_NUM_THREADS": str(max(1, int(dist_spec.cpus_per_worker))),
+                }
+            },
+        ),
+    )
+
+
+def _fit(trainer: Any) -> Any:
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise _unwrap(exc) from exc
+
+
+def _collect(result: Any, settings: RunSettings) -> tuple[dict[str, Any], Path]:
+    """The final metrics, and the final model copied where it can be published from (a local folder; with
+    run storage on object storage, a local temporary one)."""
+    if result.checkpoint is None:
+        raise CheckpointError("training finished without a final checkpoint")
+    local_root = settings.storage_path if is_local_path(settings.storage_path) else tempfile.gettempdir()
+    model_dir = Path(local_root).expanduser() / "models" / settings.job_id
+    with result.checkpoint.as_directory() as folder:
+        final = json.loads((Path(folder) / checkpointing.FINAL_METRICS).read_text())
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(Path(folder) / checkpointing.MODEL_DIR, model_dir)
+    return final, model_dir
 
 
 def _unwrap(exc: Exception) -> TrainingFailed:
@@ -55,18 +164,15 @@ def _unwrap(exc: Exception) -> TrainingFailed:
     return TrainingFailed(f"worker {rank}: {type(cause).__name__}: {cause}")
 
 
-_terminated = threading.Event()
-_GRACE_S = 20
-
-
-def _sigterm_handler(on_kill: Any) -> Any:
+def _sigterm_handler(on_kill: Callable[[], None]) -> Callable[[int, FrameType | None], None]:
     """SIGTERM (pod deletion, cancel): record the run as KILLED at once, then unwind; if Ray holds the main
     thread past a grace period, exit hard so the pod does not hang until SIGKILL."""
+    terminated = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if _terminated.is_set():
+        if terminated.is_set():
             return
-        _terminated.set()
+        terminated.set()
         on_kill()
         timer = threading.Timer(_GRACE_S, lambda: os._exit(128 + signum))
         timer.daemon = True
@@ -76,112 +182,9 @@ def _sigterm_handler(on_kill: Any) -> Any:
     return handler
 
 
-def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from tuneplane import tracking
-    from tuneplane.train.recipe import train_loop
-
-    dist_spec = spec.distributed
-    use_gpu = dist_spec.gpus_per_worker > 0
-    run_id = None
-    if settings.tracking_uri:
-        run_id = tracking.start_job_run(spec, settings.job_id, settings.tracking_uri, settings.artifact_root)
-        tracking.log_data_report(settings.tracking_uri, run_id, _data_report(spec))
-    _terminated.clear()
-    previous = signal.getsignal(signal.SIGTERM)
-    status = "FAILED"
-    try:
-        if not ray.is_initialized():
-            # Locally: no dashboard (never exposed without auth) and enough logical CPUs for the workers.
-            needed = int(dist_spec.num_workers * dist_spec.cpus_per_worker) + 1
-            ray.init(
-                address=settings.ray_address,
-                num_cpus=None if settings.ray_address else max(os.cpu_count() or 1, needed),
-                include_dashboard=False,
-                log_to_driver=True,
-            )
-        # After ray.init, which installs a SIGTERM handler of its own.
-        signal.signal(signal.SIGTERM, _sigterm_handler(lambda: _end_run(settings, run_id, "KILLED")))
-        resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = dist_spec.gpus_per_worker
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "spec": spec.to_dict(),
-                "settings": {"run_id": run_id, "tracking_uri": settings.tracking_uri, **settings.extra},
-            },
-            scaling_config=ScalingConfig(
-                num_workers=dist_spec.num_workers,
-                use_gpu=use_gpu,
-                resources_per_worker=resources,
-                accelerator_type=settings.accelerator_type if use_gpu else None,
-            ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=settings.job_id,
-                storage_path=settings.storage_path,
-                failure_config=FailureConfig(max_failures=dist_spec.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpointing.keep + 1),
-                worker_runtime_env={
-                    "env_vars": {
-                        "TOKENIZERS_PARALLELISM": "false",
-                        "OMP_NUM_THREADS": str(max(1, int(dist_spec.cpus_per_worker))),
-                    }
-                },
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            raise _unwrap(exc) from exc
-        if result.checkpoint is None:
-            raise RuntimeError("training finished without a final checkpoint")
-        # The published copy is made from a local folder; with run storage on object storage, a local one.
-        local_root = settings.storage_path if is_local_path(settings.storage_path) else tempfile.gettempdir()
-        model_dir = Path(local_root).expanduser() / "models" / settings.job_id
-        with result.checkpoint.as_directory() as folder:
-            final = json.loads((Path(folder) / "final.json").read_text())
-            _copy_tree(Path(folder) / "model", model_dir)
-        model_uri = None
-        if settings.tracking_uri and run_id:
-            metrics = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-            model_uri = tracking.publish_model(
-                spec, settings.job_id, run_id, model_dir, settings.tracking_uri, metrics
-            )
-        status = "FINISHED"
-        return RunResult(settings.job_id, final, model_uri, run_id, str(model_dir))
-    except (_Terminated, KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if not _terminated.is_set():  # a SIGTERM has already recorded KILLED
-            _end_run(settings, run_id, status)
-
-
-def _end_run(settings: RunSettings, run_id: str | None, status: str) -> None:
-    from tuneplane import tracking
-
-    if settings.tracking_uri and run_id:
-        tracking.end_job_run(settings.tracking_uri, run_id, status)
-
-
 def _data_report(spec: TuningSpec) -> dict[str, Any]:
     """A sampled preflight of the spec's data (what `tuneplane validate` shows), for the run's record."""
     from tuneplane.data import preflight
     from tuneplane.pretrained import load_tokenizer
 
     return preflight(spec, load_tokenizer(spec.model), max_records=2000, samples=0).to_dict()
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    import shutil
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)

@@ -1,22 +1,28 @@
-"""The instruction-tuning recipe: what every Ray Train worker runs, top to bottom.
+"""The instruction-tuning recipe: what every Ray Train worker runs, top to bottom (anchor: torchtune's
+`recipes/lora_finetune_distributed.py`).
 
-    setup     -> distributed init, tokenizer, model + method, DeepSpeed engine, resume from a checkpoint
-    baseline  -> zero-shot accuracy of the untouched base model on held-out tasks (first attempt only)
-    train     -> packed batches from this rank's data stream, ZeRO step, metrics, checkpoints
-    finish    -> eval loss, zero-shot accuracy again, save the adapter (gathered under ZeRO-3)
+    setup            distributed init, tokenizer, model + method, DeepSpeed engine, resume from a checkpoint,
+                     and the untouched base model's zero-shot scores (first attempt only)
+    train            packed batches from this rank's data stream, ZeRO steps, metrics, checkpoints
+    evaluate         eval loss on held-out data, zero-shot accuracy on held-out tasks
+    save_checkpoint  DeepSpeed shards + this rank's data cursor and RNG + `RecipeState`, reported to Ray
+    save_final       the tuned adapter (gathered under ZeRO-3) and the final metrics, as the last checkpoint
+    cleanup          wait for every rank before the process group goes away
 
-Everything the worker needs arrives in `config` (the spec as a dict and the platform's run settings); nothing
-comes from the environment except what Ray and torch.distributed set up.
+The worker gets the spec and a `WorkerSettings` from the launcher; nothing comes from the environment except
+what Ray and torch.distributed set up. Builders live in `builders.py`, metrics maths in `metrics.py`, checkpoint
+layout in `checkpointing.py`, evaluation in `evaluate.py`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import resource
 import shutil
 import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,153 +31,241 @@ import torch
 import torch.distributed as dist
 
 from tuneplane.data import InstructionStream
+from tuneplane.errors import SpecError
 from tuneplane.pretrained import load_tokenizer
-from tuneplane.spec import LoraMethod, TuningSpec, parse_spec
-from tuneplane.train import evaluate
-from tuneplane.train.model import (
-    count_params,
-    deepspeed_config,
-    flops_per_token,
-    load_model,
-    lr_lambda,
-    peak_flops,
-)
+from tuneplane.spec import TuningSpec, parse_spec
+from tuneplane.tracking import JobRun
+from tuneplane.train import checkpointing, evaluate
+from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
+from tuneplane.train.metrics import StepWindow, count_params, flops_per_token
 
-CHECKPOINT_META = "tuneplane-checkpoint.json"
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the launcher (never the spec) tells every worker."""
+
+    run_id: str | None = None  # the job's MLflow run; rank 0 reports to it
+    tracking_uri: str | None = None
+    # Optional audit trail: which records each rank trained on at each step (data-exposure audits, tests).
+    example_log_dir: str | None = None
+
+
+@dataclass
+class RecipeState:
+    """What a checkpoint carries besides model, optimizer and data cursors: restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epochs: int = 0  # passes over the data completed
+    tokens: int = 0  # tokens trained on
+    base_zero_shot: dict[str, float] | None = None  # the base model's scores, measured once
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    import deepspeed
-    import ray.train
+    """Ray Train's per-worker entry point."""
+    recipe = InstructionTuningRecipe(parse_spec(config["spec"]), config["settings"])
+    if not recipe.setup():
+        return  # a re-run of a job that already finished: its result was handed back
+    recipe.train()
+    recipe.save_final(recipe.evaluate())
+    recipe.cleanup()
 
-    # ---------------------------------------------------------------- setup
-    spec = parse_spec(config["spec"])
-    settings = config["settings"]
-    hp = spec.hyperparameters
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = torch.cuda.is_available() and spec.distributed.gpus_per_worker > 0
-    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
-    # The shared-memory comm op would be JIT-compiled on first use (+30 s, ~3 GB); gloo/nccl are enough.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    _seed_everything(hp.seed)  # same seed on every rank: identical LoRA init before DeepSpeed broadcasts
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint and _republish_if_final(checkpoint, rank):
-        return  # a re-run of a job that already finished: hand its result back, train nothing
 
-    tokenizer = load_tokenizer(spec.model)
-    model = load_model(spec, on_gpu)
-    params = count_params(model)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, weight_decay=hp.weight_decay
-    )
-    total_steps = hp.max_steps or _steps_for_epochs(spec, tokenizer, rank, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, on_gpu, world)
-    )
-    if world == 1:
-        # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every gradient
-        # into buckets and all-reduce them each step.
-        engine.enable_backward_allreduce = False
+class InstructionTuningRecipe:
+    def __init__(self, spec: TuningSpec, settings: WorkerSettings):
+        self.spec, self.settings = spec, settings
+        self.state = RecipeState()
+        self.step_keys: list[str] = []  # records in the optimizer step being accumulated (it may span epochs)
 
-    data_state: dict[str, Any] | None = None
-    progress: dict[str, Any] = {"step": 0, "epochs": 0, "tokens": 0, "base_zero_shot": None}
-    if checkpoint:
+    # ---------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> bool:
+        """Everything training needs; False when the checkpoint to resume from is a finished run's last one."""
+        import deepspeed
+        import ray.train
+
+        spec, hp = self.spec, self.spec.hyperparameters
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        on_gpu = torch.cuda.is_available() and spec.distributed.gpus_per_worker > 0
+        self.device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+        # The shared-memory comm op would be JIT-compiled on first use (+30 s, ~3 GB); gloo/nccl are enough.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        _seed_everything(hp.seed)  # same seed on every rank: identical LoRA init before DeepSpeed broadcasts
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint and self._republish_if_final(checkpoint):
+            return False
+        self.run = JobRun(self.settings.tracking_uri, self.settings.run_id) if self.rank == 0 else JobRun()
+        self.tokenizer = load_tokenizer(spec.model)
+        model = load_model(spec, on_gpu)
+        params = count_params(model)
+        self.run.log_params({"model.params.total": params.total, "model.params.trainable": params.trainable})
+        self.total_steps = hp.max_steps or self._steps_for_epochs()
+        optimizer, self.scheduler = build_optimizer(model, spec, self.total_steps)
+        ds_config = deepspeed_config(spec, on_gpu, self.world)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
+        )
+        if self.world == 1:
+            # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every gradient
+            # into buckets and all-reduce them each step.
+            self.engine.enable_backward_allreduce = False
+        data_state = self._resume(checkpoint) if checkpoint else None
+        self.stream = self._stream(state=data_state)
+        self.window = StepWindow(self.device, self.world, flops_per_token(spec, params))
+        if self.state.base_zero_shot is None and spec.eval.zero_shot_sources:
+            self.state.base_zero_shot = self._zero_shot()
+            self.run.report({f"zero_shot_base/{k}": v for k, v in self.state.base_zero_shot.items()}, step=0)
+        return True
+
+    def _stream(self, state: dict[str, Any] | None = None) -> InstructionStream:
+        hp = self.spec.hyperparameters
+        return InstructionStream(
+            self.spec.data, self.tokenizer, seed=hp.seed, rank=self.rank, world_size=self.world,
+            micro_batch_size=hp.micro_batch_size, state=state,
+        )  # fmt: skip
+
+    def _steps_for_epochs(self) -> int:
+        """Optimizer steps in `epochs` passes: each rank counts its own batches, all take the minimum."""
+        hp = self.spec.hyperparameters
+        count = torch.tensor([sum(1 for _ in self._stream())])
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        return max(1, int(count.item()) * (hp.epochs or 1) // hp.gradient_accumulation_steps)
+
+    def _resume(self, checkpoint: Any) -> dict[str, Any]:
         with checkpoint.as_directory() as folder:
-            data_state, progress = _load_checkpoint(engine, Path(folder), rank, world)
-        _log(rank, f"resumed from step {progress['step']}")
-    stream = InstructionStream(
-        spec.data,
-        tokenizer,
-        seed=hp.seed,
-        rank=rank,
-        world_size=world,
-        micro_batch_size=hp.micro_batch_size,
-        state=data_state,
-    )
-    tracker = _Tracker(settings, rank)
-    # Optional audit trail of which records each rank trained on at each step (data-exposure audits, tests).
-    example_log = (
-        Path(settings["example_log_dir"]) / f"rank{rank}.jsonl" if settings.get("example_log_dir") else None
-    )
-    step_keys: list[str] = []
+            data_state, meta = checkpointing.read(Path(folder), self.engine, self.rank, self.world)
+        known = {f.name for f in fields(RecipeState)}
+        self.state = RecipeState(**{k: v for k, v in meta.items() if k in known})
+        self._log(f"resumed from step {self.state.step}")
+        return data_state
 
-    # ---------------------------------------------------------------- baseline
-    if progress["base_zero_shot"] is None and spec.eval.zero_shot_sources:
-        base_scores = evaluate.zero_shot(engine, spec, tokenizer, rank, world, device)
-        progress["base_zero_shot"] = base_scores
-        tracker.log({f"zero_shot_base/{k}": v for k, v in base_scores.items()}, step=0)
+    # ---------------------------------------------------------------------------------------------- train
 
-    # ---------------------------------------------------------------- train
-    peak = peak_flops(device)
-    flops_token = flops_per_token(spec, params)
-    window = _Window()
-    step = progress["step"]
-    # With max_steps the data repeats as needed; otherwise `epochs` passes (default 1). The epoch count is
-    # advanced identically on every rank (all stop an epoch together), never from a rank's own stream.
-    max_epochs = hp.epochs or (None if hp.max_steps else 1)
-    engine.train()
-    while step < total_steps and (max_epochs is None or progress["epochs"] < max_epochs):
-        steps_before = step
-        batches = iter(stream)
-        while step < total_steps:
+    def train(self) -> None:
+        """With max_steps the data repeats as needed; otherwise `epochs` passes (default 1). The epoch count
+        advances identically on every rank (all stop an epoch together), never from a rank's own stream."""
+        hp = self.spec.hyperparameters
+        max_epochs = hp.epochs or (None if hp.max_steps else 1)
+        self.engine.train()
+        while self.state.step < self.total_steps and (max_epochs is None or self.state.epochs < max_epochs):
+            steps_before = self.state.step
+            self._train_epoch()
+            if self.state.step == steps_before and self.state.step < self.total_steps:
+                raise SpecError(
+                    [
+                        (
+                            "data.sources",
+                            "an epoch produced no optimizer step: too little data for the batch size",
+                        )
+                    ]
+                )
+
+    def _train_epoch(self) -> None:
+        """One pass over this rank's stream, or until the last step."""
+        batches = iter(self.stream)
+        while self.state.step < self.total_steps:
             batch = next(batches, None)
             # Ranks pack differently and may run dry a batch apart: all stop when any does.
-            if not _all_ranks_have(batch is not None, device):
-                progress["epochs"] += 1
-                break
+            if not _all_ranks_have(batch is not None, self.device):
+                self.state.epochs += 1
+                return
             assert batch is not None
-            loss = engine(**batch.to_torch(device), use_cache=False).loss
-            engine.backward(loss)
-            before = engine.global_steps
-            engine.step()
-            window.add(loss.item(), batch.num_tokens)
-            step_keys += [key for row in batch.keys for key in row]
-            if engine.global_steps == before:
-                continue  # still accumulating
-            step = engine.global_steps
-            if example_log is not None:
-                with example_log.open("a") as fh:
-                    fh.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
-            step_keys = []
-            metrics = window.close(engine, device, world, flops_token, peak, scheduler)
-            progress["tokens"] += metrics["tokens"]
-            if step % spec.tracking.log_every_n_steps == 0 or step == total_steps:
-                tracker.log(metrics, step)
-                _log(
-                    rank,
-                    f"step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                    f"{metrics['tokens_per_s']:.0f} tok/s",
-                )
-            if step % spec.checkpointing.every_n_steps == 0 and step < total_steps:
-                progress["step"] = step
-                _report_checkpoint(engine, stream, progress, rank, world, metrics)
-            if spec.eval.every_n_steps and step % spec.eval.every_n_steps == 0:
-                tracker.log(evaluate.eval_loss(engine, spec, tokenizer, rank, world, device), step)
-                engine.train()
-        if step == steps_before and step < total_steps:
-            raise RuntimeError(
-                "an epoch produced no optimizer step: too little data for the batch size and ranks"
-            )
+            loss = self.engine(**batch.to_torch(self.device), use_cache=False).loss
+            self.engine.backward(loss)
+            before = self.engine.global_steps
+            self.engine.step()
+            self.window.add(loss.item(), batch.num_tokens)
+            self.step_keys += [key for row in batch.keys for key in row]
+            if self.engine.global_steps != before:  # an optimizer step, not only an accumulation
+                self._after_step()
 
-    # ---------------------------------------------------------------- finish
-    final: dict[str, Any] = {"step": step, "tokens": progress["tokens"]}
-    if spec.data.eval_sources or spec.data.holdout_fraction > 0:
-        final.update(evaluate.eval_loss(engine, spec, tokenizer, rank, world, device))
-    if spec.eval.zero_shot_sources:
-        tuned = evaluate.zero_shot(engine, spec, tokenizer, rank, world, device)
-        final.update({f"zero_shot/{k}": v for k, v in tuned.items()})
-        final.update({f"zero_shot_base/{k}": v for k, v in (progress["base_zero_shot"] or {}).items()})
-    tracker.log({k: v for k, v in final.items() if isinstance(v, float)}, step)
-    out = Path(tempfile.mkdtemp(prefix="tuneplane-final-"))
-    _save_model(engine, spec, tokenizer, out / "model", rank)
-    if rank == 0:
-        (out / "final.json").write_text(json.dumps(final | {"base_zero_shot": progress["base_zero_shot"]}))
-    ray.train.report({"step": step, "final": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
-    shutil.rmtree(out, ignore_errors=True)
-    dist.barrier()
+    def _after_step(self) -> None:
+        spec, step = self.spec, self.engine.global_steps
+        self.state.step = step
+        self._log_examples(step)
+        metrics = self.window.close(self.engine, self.scheduler)
+        self.state.tokens += int(metrics["tokens"])
+        if step % spec.tracking.log_every_n_steps == 0 or step == self.total_steps:
+            self.run.report(metrics, step)
+            self._log(
+                f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                f"{metrics['tokens_per_s']:.0f} tok/s"
+            )
+        if step % spec.checkpointing.every_n_steps == 0 and step < self.total_steps:
+            self.save_checkpoint(metrics)
+        if spec.eval.every_n_steps and step % spec.eval.every_n_steps == 0:
+            self.run.report(self._eval_loss(), step)
+            self.engine.train()
+
+    def _log_examples(self, step: int) -> None:
+        if self.settings.example_log_dir:
+            with (Path(self.settings.example_log_dir) / f"rank{self.rank}.jsonl").open("a") as fh:
+                fh.write(json.dumps({"step": step, "keys": self.step_keys}) + "\n")
+        self.step_keys = []
+
+    # ------------------------------------------------------------------------------------------- evaluate
+
+    def evaluate(self) -> dict[str, Any]:
+        """The final metrics: eval loss when there is held-out data, zero-shot accuracy before and after."""
+        final: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
+        if self.spec.data.eval_sources or self.spec.data.holdout_fraction > 0:
+            final.update(self._eval_loss())
+        if self.spec.eval.zero_shot_sources:
+            final.update({f"zero_shot/{k}": v for k, v in self._zero_shot().items()})
+            final.update({f"zero_shot_base/{k}": v for k, v in (self.state.base_zero_shot or {}).items()})
+        self.run.report({k: v for k, v in final.items() if isinstance(v, float)}, self.state.step)
+        return final
+
+    def _eval_loss(self) -> dict[str, float]:
+        return evaluate.eval_loss(self.engine, self.spec, self.tokenizer, self.rank, self.world, self.device)
+
+    def _zero_shot(self) -> dict[str, float]:
+        return evaluate.zero_shot(self.engine, self.spec, self.tokenizer, self.rank, self.world, self.device)
+
+    # -------------------------------------------------------------------------------------------- save
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Ray registers the checkpoint only once every rank has reported: a partial one is never used."""
+        stream_state = self.stream.state_dict()
+        with _report_folder("ckpt") as folder:
+            checkpointing.write(folder, self.engine, stream_state, self.rank, self.world, asdict(self.state))
+            _report(metrics | {"step": self.state.step}, folder)
+
+    def save_final(self, final: dict[str, Any]) -> None:
+        """The tuned model and the final metrics, reported as the run's last checkpoint."""
+        with _report_folder("final") as folder:
+            checkpointing.save_model(
+                self.engine,
+                self.spec,
+                self.tokenizer,
+                folder / checkpointing.MODEL_DIR,
+                self.rank,
+                self.world,
+            )
+            if self.rank == 0:
+                metrics = final | {"base_zero_shot": self.state.base_zero_shot}
+                (folder / checkpointing.FINAL_METRICS).write_text(json.dumps(metrics))
+            _report({"step": self.state.step, "final": 1}, folder)
+
+    def _republish_if_final(self, checkpoint: Any) -> bool:
+        """The last checkpoint of a finished run holds the final model: report it again as this run's result."""
+        with checkpoint.as_directory() as folder, _report_folder("final") as out:
+            final = checkpointing.final_metrics(Path(folder))
+            if final is None:
+                return False
+            if self.rank == 0:
+                shutil.copytree(folder, out, dirs_exist_ok=True)
+            self._log(f"job already finished at step {final['step']}: republishing its final checkpoint")
+            _report({"step": final["step"], "final": 1}, out)
+        return True
+
+    def cleanup(self) -> None:
+        dist.barrier()
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[tuneplane] {message}", flush=True)
 
 
 # -------------------------------------------------------------------- helpers
@@ -183,193 +277,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[tuneplane] {message}", flush=True)
-
-
 def _all_ranks_have(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
-def _steps_for_epochs(spec: TuningSpec, tokenizer: Any, rank: int, world: int) -> int:
-    """Optimizer steps in `epochs` passes: this rank counts its own batches, all ranks take the minimum."""
-    hp = spec.hyperparameters
-    stream = InstructionStream(
-        spec.data, tokenizer, seed=hp.seed, rank=rank, world_size=world, micro_batch_size=hp.micro_batch_size
-    )
-    batches = sum(1 for _ in stream)
-    count = torch.tensor([batches])
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)
-    return max(1, int(count.item()) * (hp.epochs or 1) // hp.gradient_accumulation_steps)
+@contextmanager
+def _report_folder(kind: str) -> Iterator[Path]:
+    """A fresh temporary folder for one report, removed once Ray has copied it to run storage."""
+    folder = Path(tempfile.mkdtemp(prefix=f"tuneplane-{kind}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-class _Window:
-    """Accumulates micro-steps between two optimizer steps into one set of metrics."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.tokens = 0
-        self.started = time.perf_counter()
-
-    def add(self, loss: float, tokens: int) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
-
-    def close(
-        self, engine: Any, device: torch.device, world: int, flops_token: float, peak: float, scheduler: Any
-    ) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.started
-        stats = torch.tensor(
-            [float(np.mean(self.losses)), float(self.tokens)], dtype=torch.float64, device=device
-        )
-        dist.all_reduce(stats)
-        tokens = stats[1].item()
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {
-            "loss": stats[0].item() / world,
-            "lr": float(scheduler.get_last_lr()[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-            "tokens": tokens,
-            "tokens_per_s": tokens / elapsed,
-            "step_time_s": elapsed,
-            "memory_gb": _memory_gb(device),
-            "tflops_per_device": flops_token * tokens / elapsed / world / 1e12,
-            "mfu": flops_token * tokens / elapsed / world / peak if peak else 0.0,
-        }
-        self.losses, self.tokens, self.started = [], 0, time.perf_counter()
-        return metrics
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-def _report_checkpoint(
-    engine: Any,
-    stream: InstructionStream,
-    progress: dict[str, Any],
-    rank: int,
-    world: int,
-    metrics: dict[str, float],
-) -> None:
-    """DeepSpeed shards + this rank's data cursor + RNG. Ray registers the checkpoint only once every rank has
-    reported, and the loader checks that every rank's part is present: a partial checkpoint is never used."""
+def _report(metrics: dict[str, Any], folder: Path) -> None:
+    """`ray.train.report` is a barrier: every rank calls it, with its own part of the checkpoint."""
     import ray.train
 
-    folder = Path(tempfile.mkdtemp(prefix="tuneplane-ckpt-"))
-    engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
-    (folder / "data").mkdir()
-    (folder / "data" / f"rank{rank}.json").write_text(
-        json.dumps(
-            {
-                "stream": stream.state_dict(),
-                "rng": {
-                    "python": random.getstate()[1],
-                    "numpy": np.random.get_state()[1].tolist(),  # type: ignore[index]
-                    "torch": torch.get_rng_state().tolist(),
-                },
-            }
-        )
-    )
-    if rank == 0:
-        (folder / CHECKPOINT_META).write_text(json.dumps({"world_size": world, **progress}))
-    ray.train.report(
-        metrics | {"step": progress["step"]}, checkpoint=ray.train.Checkpoint.from_directory(str(folder))
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _load_checkpoint(
-    engine: Any, folder: Path, rank: int, world: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    meta_path = folder / CHECKPOINT_META
-    if not meta_path.exists():
-        raise RuntimeError(
-            f"checkpoint {folder} has no {CHECKPOINT_META}: incomplete, refusing to resume from it"
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta["world_size"] != world:
-        raise RuntimeError(f"checkpoint was written by {meta['world_size']} workers, this run has {world}")
-    missing = [r for r in range(world) if not (folder / "data" / f"rank{r}.json").exists()]
-    if missing:
-        raise RuntimeError(f"checkpoint lacks the data state of ranks {missing}: refusing to resume from it")
-    engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-    state = json.loads((folder / "data" / f"rank{rank}.json").read_text())
-    random.setstate((3, tuple(state["rng"]["python"]), None))
-    np.random.set_state(("MT19937", np.asarray(state["rng"]["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
-    return state["stream"], {k: meta[k] for k in ("step", "epochs", "tokens", "base_zero_shot")}
-
-
-def _republish_if_final(checkpoint: Any, rank: int) -> bool:
-    """The last checkpoint of a finished run holds the final model: report it again as this run's result."""
-    import ray.train
-
-    with checkpoint.as_directory() as folder:
-        if not (Path(folder) / "final.json").exists():
-            return False
-        out = Path(tempfile.mkdtemp(prefix="tuneplane-final-"))
-        if rank == 0:
-            shutil.copytree(folder, out, dirs_exist_ok=True)
-        step = json.loads((Path(folder) / "final.json").read_text())["step"]
-    _log(rank, f"job already finished at step {step}: republishing its final checkpoint")
-    ray.train.report({"step": step, "final": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
-    shutil.rmtree(out, ignore_errors=True)
-    return True
-
-
-def _save_model(engine: Any, spec: TuningSpec, tokenizer: Any, out: Path, rank: int) -> None:
-    """Rank 0 writes the adapter (LoRA) or the weights (full/partial). Under ZeRO-3 parameters are partitioned:
-    every rank must enter the gather, or rank 0 would write empty tensors."""
-    import deepspeed
-
-    module = engine.module
-    if spec.distributed.zero_stage == 3:
-        wanted = (
-            [p for p in module.parameters() if p.requires_grad]
-            if isinstance(spec.method, LoraMethod)
-            else list(module.parameters())
-        )
-        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
-            if rank == 0:
-                _write(module, tokenizer, out)
-    elif rank == 0:
-        _write(module, tokenizer, out)
-    if rank == 0:
-        evaluate.check_not_empty(out)
-    dist.barrier()
-
-
-def _write(module: Any, tokenizer: Any, out: Path) -> None:
-    # A PeftModel writes only the adapter (adapter_model.safetensors + adapter_config.json); a plain model
-    # writes all its weights. Inside GatheredParameters the state dict holds full, not partitioned, tensors.
-    out.mkdir(parents=True, exist_ok=True)
-    module.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-
-
-class _Tracker:
-    """Rank 0 logs step metrics to the job's MLflow run (created by the launcher); other ranks do nothing."""
-
-    def __init__(self, settings: dict[str, Any], rank: int):
-        self.enabled = rank == 0 and bool(settings.get("tracking_uri")) and bool(settings.get("run_id"))
-        if self.enabled:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=settings["tracking_uri"])
-            self.run_id = settings["run_id"]
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or not metrics:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))

@@ -1,19 +1,17 @@
-"""The model side of a recipe: load the base checkpoint, apply the tuning method, build the DeepSpeed config."""
+"""Builders the recipe calls: the base model with the tuning method applied, the optimizer and LR schedule,
+and the DeepSpeed config (with the one rule for which ZeRO stage really runs)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tuneplane.pretrained import local_copy
-from tuneplane.spec import FullMethod, LoraMethod, PartialMethod, TuningSpec, is_local_path
-
-# Dense bf16 peak of common training GPUs (FLOP/s), for MFU. Unknown devices report MFU as 0.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+from tuneplane.errors import SpecError
+from tuneplane.pretrained import from_pretrained
+from tuneplane.spec import DistributedSpec, FullMethod, LoraMethod, PartialMethod, TuningSpec
 
 
 def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
@@ -23,21 +21,15 @@ def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def checkpoint_path(spec: TuningSpec) -> str:
-    """A local folder holding the base checkpoint (object storage is copied once per node)."""
-    base = spec.model.base
-    if is_local_path(base) and not base.startswith(("/", ".", "~")):
-        return base  # a hub id: from_pretrained resolves it (online clusters only)
-    return str(local_copy(base))
-
-
 def load_model(spec: TuningSpec, on_gpu: bool) -> torch.nn.Module:
+    """The base model (from a folder, object storage or the hub) with the spec's method applied."""
     from transformers import AutoModelForCausalLM
 
     attn = "flash_attention_2" if on_gpu and _has_flash_attn() else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint_path(spec),
-        revision=spec.model.revision,
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        spec.model.base,
+        spec.model.revision,
         dtype=torch_dtype(spec, on_gpu),
         attn_implementation=attn,
     )
@@ -68,70 +60,62 @@ def apply_method(model: torch.nn.Module, spec: TuningSpec) -> torch.nn.Module:
         )
         return get_peft_model(model, config)
     if isinstance(method, PartialMethod):
-        layers = _decoder_layers(model)
-        if method.last_n_layers > len(layers):
-            raise ValueError(
-                f"method.last_n_layers={method.last_n_layers} but the model has {len(layers)} layers"
-            )
-        for param in model.parameters():
-            param.requires_grad_(False)
-        trainable = list(layers[-method.last_n_layers :])
-        norm = getattr(getattr(model, "model", model), "norm", None)
-        if norm is not None:
-            trainable.append(norm)
-        if method.train_lm_head:
-            trainable.append(model.get_output_embeddings())
-        for module in trainable:
-            for param in module.parameters():
-                param.requires_grad_(True)
+        _train_last_layers(model, method)
         return model
     assert isinstance(method, FullMethod)
     return model
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+def _train_last_layers(model: torch.nn.Module, method: PartialMethod) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError("method 'partial' needs a decoder with model.layers (Llama, Mistral, Qwen...)")
-    return layers
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    total: int
-    trainable: int
-
-
-def count_params(model: torch.nn.Module) -> ParamCounts:
-    total = trainable = 0
+        raise SpecError(
+            [("method.type", "'partial' needs a decoder with model.layers (Llama, Mistral, Qwen...)")]
+        )
+    if method.last_n_layers > len(layers):
+        raise SpecError(
+            [
+                (
+                    "method.last_n_layers",
+                    f"last_n_layers={method.last_n_layers} but the model has {len(layers)} layers",
+                )
+            ]
+        )
     for param in model.parameters():
-        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-        total += n
-        trainable += n if param.requires_grad else 0
-    return ParamCounts(total, trainable)
+        param.requires_grad_(False)
+    trainable = list(layers[-method.last_n_layers :])
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    if norm is not None:
+        trainable.append(norm)
+    if method.train_lm_head:
+        trainable.append(model.get_output_embeddings())
+    for module in trainable:
+        for param in module.parameters():
+            param.requires_grad_(True)
 
 
-def flops_per_token(spec: TuningSpec, params: ParamCounts) -> float:
-    """6N for full training (forward 2N + backward 4N); with frozen base weights the weight-gradient half of
-    the backward is skipped: 4N."""
-    return (4.0 if isinstance(spec.method, LoraMethod) else 6.0) * params.total
+def build_optimizer(
+    model: torch.nn.Module, spec: TuningSpec, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters, and the spec's warmup + decay schedule."""
+    hp = spec.hyperparameters
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, weight_decay=hp.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
 
 
-def peak_flops(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+def effective_zero_stage(dist: DistributedSpec, world_size: int) -> int:
+    """The ZeRO stage that really runs. ZeRO partitions across data-parallel ranks; with one rank there is
+    nothing to partition and stages 1-3 only add buffer copies (measured: ZeRO-2 at 0.73x the tokens/s of
+    ZeRO-0 on one CPU worker), so a single rank runs stage 0. Offload needs a ZeRO stage: it keeps its own."""
+    single = world_size == 1 and not (dist.offload_optimizer or dist.offload_params)
+    return 0 if single else dist.zero_stage
 
 
 def deepspeed_config(spec: TuningSpec, on_gpu: bool, world_size: int) -> dict[str, Any]:
     dist, hp = spec.distributed, spec.hyperparameters
-    # ZeRO partitions across data-parallel ranks; with one rank there is nothing to partition and stages 1-3 only
-    # add buffer copies (measured: ZeRO-2 at 0.73x the tokens/s of ZeRO-0 on one CPU worker). Offload still
-    # needs a ZeRO stage, so it keeps the requested one.
-    single = world_size == 1 and not (dist.offload_optimizer or dist.offload_params)
-    zero: dict[str, Any] = {"stage": 0 if single else dist.zero_stage}
+    zero: dict[str, Any] = {"stage": effective_zero_stage(dist, world_size)}
     if dist.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if dist.offload_params:

@@ -1,8 +1,14 @@
-"""Job states and the only transitions allowed between them; every state change goes through `check`."""
+"""Job states and the only transitions allowed between them; every state change goes through `check`.
+
+A module of its own, with no dependencies, so the SDK (`tuneplane.client`) shares the state names with the
+control plane without needing the server extras.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+from tuneplane.errors import InvalidTransition
 
 
 class JobState(StrEnum):
@@ -30,10 +36,6 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 TERMINAL = frozenset(s for s, nxt in ALLOWED.items() if not nxt)
 ACTIVE = frozenset({S.SUBMITTED, S.RUNNING})  # what counts against a team's quota
 WAITING = frozenset({S.PENDING, S.VALIDATING, S.QUEUED})  # cancelled at once, nothing runs yet
-
-
-class InvalidTransition(ValueError):
-    pass
 
 
 def check(current: JobState, new: JobState) -> None:

@@ -1,0 +1,107 @@
+"""Admission: may this team run this spec here, and can its data and model be found?
+
+The API calls it on submit and on dry-run validation; the reconciler calls the reachability check before it
+queues a job. Every check answers `(field, message)` pairs naming the field at fault, never a bare string.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tuneplane.config import PlatformConfig
+from tuneplane.errors import DataError, SpecError
+from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec
+from tuneplane.store import Principal
+
+Problems = list[tuple[str, str]]
+
+
+def admit(raw: Any, principal: Principal, config: PlatformConfig) -> TuningSpec:
+    """Parse a submitted spec and check it against the team's policy; SpecError names each field at fault."""
+    spec = parse_spec(raw)
+    problems = policy_problems(spec, principal.team, config)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) -> Problems:
+    """What the team's quota, GPU pools and the platform's storage rules refuse in this spec."""
+    team = config.team(team_name)
+    if team is None:
+        return [("", f"team {team_name} is not configured")]
+    problems: Problems = []
+    dist = spec.distributed
+    gpus = dist.num_workers * dist.gpus_per_worker
+    if dist.gpu_pool and dist.gpu_pool not in config.gpu_pools:
+        problems.append(
+            ("distributed.gpu_pool", f"unknown pool {dist.gpu_pool!r}; known: {sorted(config.gpu_pools)}")
+        )
+    elif dist.gpu_pool and dist.gpu_pool not in team.gpu_pools:
+        problems.append(("distributed.gpu_pool", f"team {team.name} may not use pool {dist.gpu_pool!r}"))
+    if gpus > team.quota.max_gpus:
+        problems.append(
+            ("distributed.gpus_per_worker", f"the job needs {gpus} GPUs; team quota is {team.quota.max_gpus}")
+        )
+    if gpus and config.backend == "local":
+        problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
+    return problems + _location_problems(spec, config)
+
+
+def _location_problems(spec: TuningSpec, config: PlatformConfig) -> Problems:
+    """Where a spec may point. The control plane looks these up (validation), so only object storage, and local
+    paths on the local backend: never http(s) or other schemes, which would let a spec probe the network."""
+    out = []
+    for field, location, kind in _locations(spec):
+        if kind == "uri":
+            scheme = location.split("://", 1)[0].lower()
+            if scheme not in config.storage_schemes:
+                out.append((field, f"scheme {scheme}:// is not allowed; use one of {config.storage_schemes}"))
+        elif kind == "hub":
+            continue
+        elif config.backend != "local":
+            out.append((field, "a local path means nothing to a cluster job; use object storage"))
+        elif not location.startswith(
+            "/"
+        ):  # the CLI makes a spec file's relative paths absolute before sending
+            out.append((field, "a relative path; use an absolute path or a URI"))
+    return out
+
+
+def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
+    """(field, location, kind) of everything a spec reads: data sources (never hub ids), model and tokenizer."""
+    out = [
+        (f"{field}.uri", source.uri, "path" if is_local_path(source.uri) else "uri")
+        for field, source in spec.source_fields()
+    ]
+    for key in ("base", "tokenizer"):
+        if location := getattr(spec.model, key):
+            out.append((f"model.{key}", location, model_location_kind(location)))
+    return out
+
+
+def reachability_problems(spec: TuningSpec) -> Problems:
+    """The spec's data sources and local model folder that cannot be found (object storage is listed)."""
+    from tuneplane.data.records import expand
+
+    problems: Problems = []
+    for field, source in spec.source_fields():
+        try:
+            expand(source.uri)
+        except DataError as exc:
+            problems.append((f"{field}.uri", str(exc)))
+        except Exception as exc:  # the storage client's own errors (credentials, network)
+            problems.append((f"{field}.uri", f"{source.uri}: cannot list: {type(exc).__name__}: {exc}"))
+    base = spec.model.base
+    if spec.model.base_kind == "path" and not os.path.isdir(os.path.expanduser(base)):
+        problems.append(("model.base", f"{base}: no such folder"))
+    return problems
+
+
+def preflight_report(spec: TuningSpec, max_records: int) -> dict[str, Any]:
+    """The data preflight `tuneplane validate` prints (needs the tokenizer; bounded by max_records)."""
+    from tuneplane.data import preflight
+    from tuneplane.pretrained import load_tokenizer
+
+    return preflight(spec, load_tokenizer(spec.model), max_records=max_records, samples=1).to_dict()

@@ -1,0 +1,199 @@
+"""Commands that talk to the job API through the SDK (`tuneplane.client`): submit and follow, list, inspect,
+cancel, models; `demo` runs the main job against an API it starts itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit
+from tuneplane.spec import load_spec
+
+if TYPE_CHECKING:
+    from tuneplane.client import Client
+
+
+Url = Annotated[str | None, typer.Option(envvar="TUNEPLANE_URL", help="API address.")]
+
+
+def _client(url: str | None) -> Client:
+    from tuneplane.client import Client
+
+    return Client(url)
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON tuning spec.")],
+    wait: Annotated[bool, typer.Option(help="Follow the job to its end with a progress bar.")] = False,
+    sample: Annotated[
+        str | None, typer.Option(help="With --wait: generate from the registered model.")
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Submit a tuning job."""
+    spec = load_or_exit("spec", load_spec, spec_path)
+    with _client(url) as client:
+        with api_errors():
+            job = client.submit(spec)
+        console.print(f"submitted [bold]{job['id']}[/] ({job['state']})")
+        if wait:
+            _follow(client, job["id"], sample)
+
+
+def _follow(client: Client, job_id: str, sample: str | None) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]{task.fields[state]:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.fields[max_steps]} steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, state="PENDING", loss="-", max_steps="?")
+
+        def update(job: dict, metrics: dict) -> None:
+            loss = metrics.get("latest", {}).get("loss")
+            progress.update(
+                task, total=metrics.get("max_steps") or None, completed=metrics.get("step") or 0,
+                state=job["state"], loss=f"{loss:.4f}" if loss is not None else "-",
+                max_steps=metrics.get("max_steps") or "?",
+            )  # fmt: skip
+
+        with api_errors():
+            final = client.wait(job_id, on_progress=update)
+    style = "green" if final["state"] == "SUCCEEDED" else "red"
+    console.print(f"[{style}]{final['state']}[/] {final['message']}", highlight=False)
+    if final["state"] != "SUCCEEDED":
+        raise typer.Exit(1)
+    if final.get("model_uri"):
+        console.print(f"registered model: [bold]{final['model_uri']}[/]")
+        if sample:
+            _sample(final["model_uri"], sample)
+
+
+def _sample(model_uri: str, prompt: str) -> None:
+    """Load the registered model the way a consumer does and generate once."""
+    import mlflow
+
+    from tuneplane.config import load_config
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or load_config().tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    console.print(f"sample: {prompt!r} -> {model.predict([prompt])[0]!r}", highlight=False, markup=False)
+
+
+@app.command()
+def jobs(
+    state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 50,
+    url: Url = None,
+) -> None:
+    """List your jobs, newest first."""
+    with _client(url) as client, api_errors():
+        page = client.jobs(state=state, limit=limit)
+    table = Table("ID", "TEAM", "STATE", "CREATED", "MESSAGE")
+    for job in page["items"]:
+        table.add_row(job["id"], job["team"], job["state"], job["created_at"][:19], job["message"][:60])
+    console.print(table)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(metavar="ID")], url: Url = None) -> None:
+    """A job's state, progress and event history."""
+    with _client(url) as client, api_errors():
+        job, events, metrics = client.job(job_id), client.events(job_id), client.metrics(job_id)
+    console.print(
+        f"[bold]{job['id']}[/] team={job['team']} state={job['state']} {job['message']}", highlight=False
+    )
+    if metrics.get("step") is not None:
+        console.print(
+            f"step {metrics['step']}/{metrics.get('max_steps')}  loss {metrics['latest'].get('loss')}"
+        )
+    if job.get("model_uri"):
+        console.print(f"model: {job['model_uri']}")
+    for e in events:
+        change = f"{e['from_state'] or ''} -> {e['to_state']}" if e["to_state"] else e["kind"]
+        console.print(
+            f"  {e['at'][:19]}  {change:<24} {e['actor']}  {e['message']}", highlight=False, markup=False
+        )
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+    url: Url = None,
+) -> None:
+    """A job's training log."""
+    with _client(url) as client, api_errors():
+        for line in client.logs(job_id, follow=follow, tail=tail):
+            sys.stdout.write(line + "\n")
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], url: Url = None) -> None:
+    """Cancel a job: a waiting one at once, a running one is stopped (its MLflow run marked KILLED)."""
+    with _client(url) as client, api_errors():
+        job = client.cancel(job_id)
+    console.print(f"{job['id']}: {job['state']}" + (" (stopping)" if job["cancel_requested"] else ""))
+
+
+@app.command()
+def models(url: Url = None) -> None:
+    """Adapters your jobs registered in MLflow (load with mlflow.pyfunc.load_model(URI))."""
+    with _client(url) as client, api_errors():
+        versions = client.models()
+    table = Table("URI", "JOB", "BASE MODEL")
+    for v in versions:
+        table.add_row(v["uri"], v["job_id"], v.get("base_model") or "")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")] = Path("jobs/tiny-cpu.yaml"),
+    sample: Annotated[str | None, typer.Option(help="Prompt for the registered model.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the embedded API.")] = 8421,
+) -> None:
+    """The main job on the embedded default: start the API (local backend), submit SPEC, follow it, sample."""
+    import threading
+
+    import uvicorn
+
+    from tuneplane.api import create_app
+    from tuneplane.config import load_config
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(load_or_exit("config", load_config, None)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.1)
+    if not thread.is_alive():
+        err_console.print(f"[bold red]the API could not start on port {port}[/]")
+        raise typer.Exit(1)
+    console.print(f"API on http://127.0.0.1:{port} (local backend)")
+    try:
+        submit(spec_path, wait=True, sample=sample, url=f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,168 @@
+"""Commands that need no API: validate a spec and its data, print schemas, check a config, make a token,
+serve the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from tuneplane.cli.common import app, config_app, console, err_console, load_or_exit, spec_app
+from tuneplane.spec import json_schema, load_spec
+
+if TYPE_CHECKING:
+    from tuneplane.data.preflight import PreflightReport
+
+
+@spec_app.command("schema")
+def spec_schema(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the tuning spec's JSON Schema."""
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the platform config's JSON Schema."""
+    from tuneplane.config import PlatformConfig
+
+    sys.stdout.write(json.dumps(PlatformConfig.model_json_schema(), indent=2) + "\n")
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(metavar="FILE", help="Platform config YAML.")]) -> None:
+    """Check a platform config: every problem names its field."""
+    from tuneplane.config import load_config
+
+    cfg = load_or_exit("config", load_config, path)
+    teams = ", ".join(t.name for t in cfg.teams)
+    console.print(f"[green]config ok[/]: backend {cfg.backend}, teams {teams}", highlight=False)
+
+
+@app.command()
+def validate(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML or JSON tuning spec.")],
+    max_records: Annotated[
+        int | None, typer.Option(help="Scan at most this many records per source.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Rendered samples to show per source.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    spec_only: Annotated[bool, typer.Option(help="Check the spec, not the data.")] = False,
+) -> None:
+    """Check a spec and preflight its data: counts, bad records (uri:line), lengths, masking."""
+    spec = load_or_exit("spec", load_spec, spec_path)
+    if spec_only:
+        console.print(f"[green]spec ok[/]: {spec.name}")
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tuneplane.data import preflight
+    from tuneplane.errors import PretrainedError
+    from tuneplane.pretrained import load_tokenizer
+
+    try:
+        with console.status("loading tokenizer"):
+            tokenizer = load_tokenizer(spec.model)
+    except PretrainedError as exc:
+        err_console.print(f"[bold red]model.tokenizer[/]: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except ImportError as exc:  # the API image has no training stack
+        err_console.print(
+            f"[bold red]the data preflight needs the training extra[/] ({exc.name} is missing): "
+            "pip install 'tuneplane[train]', or check the spec alone with --spec-only",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
+    with console.status("scanning data"):
+        report = preflight(spec, tokenizer, max_records=max_records, samples=samples)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_report(report: PreflightReport) -> None:
+    table = Table(title="Data preflight", title_justify="left")
+    for column in ("source", "files", "records", "examples", "bad", "truncated", "tokens", "trained %"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for s in report.sources:
+        st = s.stats
+        share = f"{100 * st.trained_tokens / st.tokens:.1f}" if st.tokens else "-"
+        bad = f"[red]{st.errors}[/]" if st.errors else "0"
+        table.add_row(
+            s.name,
+            str(s.files),
+            str(st.records),
+            str(st.examples),
+            bad,
+            str(st.truncated),
+            str(st.tokens),
+            share,
+        )
+    console.print(table)
+    console.print(
+        f"trained tokens overall: {100 * report.trained_share:.1f}%  (max_seq_len {report.max_seq_len})"
+    )
+    for s in report.sources:
+        if s.histogram():
+            bars = "  ".join(f"{bucket}: {n}" for bucket, n in s.histogram())
+            console.print(f"[bold]{s.name}[/] token lengths  {bars}", highlight=False)
+        for line in s.stats.error_samples[:10]:
+            console.print(f"  [red]bad record[/] {line}", highlight=False)
+        for sample in s.samples:
+            text = Text()
+            for span in sample:
+                text.append(span.text, style="bold green" if span.trained else "dim")
+            console.print(
+                Text(f"--- sample from {s.name} (trained in green, masked dimmed) ---", style="cyan")
+            )
+            console.print(text)
+    for error in report.errors():
+        err_console.print(f"[bold red]error[/] {error}", highlight=False)
+    console.print("[green]data ok[/]" if report.ok else "[red]data has errors[/]")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8421,
+    config: Annotated[
+        Path | None, typer.Option(envvar="TUNEPLANE_CONFIG", help="Platform config YAML.")
+    ] = None,
+) -> None:
+    """Run the API and its reconciler (embedded default: local backend, SQLite, local MLflow)."""
+    import uvicorn
+
+    from tuneplane.api import create_app
+    from tuneplane.config import load_config
+
+    cfg = load_or_exit("config", load_config, config)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
+
+
+@app.command("token")
+def token_new(
+    team: Annotated[str, typer.Option(help="Team the token acts for.")],
+    admin: Annotated[bool, typer.Option(help="Admins see every team's jobs.")] = False,
+) -> None:
+    """Make an API token: prints the token once, and the entry (its SHA-256) for the platform config."""
+    import secrets
+
+    from tuneplane.config import hash_token
+
+    token = secrets.token_urlsafe(32)
+    role = "admin" if admin else "member"
+    typer.echo(f"token (give it to the team; it is not stored): {token}")  # plain: never wrapped
+    typer.echo(f"config entry: {{sha256: {hash_token(token)}, team: {team}, role: {role}}}")

@@ -1,0 +1,62 @@
+"""The state folder of the embedded default, and what lives in it: the one place these paths are spelled.
+
+`TUNEPLANE_HOME` moves the whole folder (default `~/.cache/tuneplane`); a platform config's `home` does the same
+for a server. `TUNEPLANE_CACHE` moves only the copies of pretrained checkpoints (e.g. to a node's local disk).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "~/.cache/tuneplane"
+
+
+def default_home() -> Path:
+    """The home folder now: `TUNEPLANE_HOME`, else ~/.cache/tuneplane (read at call time, not import time)."""
+    return Path(os.environ.get("TUNEPLANE_HOME") or DEFAULT_HOME).expanduser()
+
+
+@dataclass(frozen=True)
+class Home:
+    """The layout of a home folder."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> Home:
+        return cls(default_home())
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.root / 'tuneplane.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def runs(self) -> Path:
+        """Ray Train run storage: checkpoints, and the published copy of each job's model."""
+        return self.root / "runs"
+
+    @property
+    def jobs(self) -> Path:
+        """One folder per local job: spec, pid, exit code, log."""
+        return self.root / "jobs"
+
+    @property
+    def token(self) -> Path:
+        """The local server's admin token, which the CLI finds."""
+        return self.root / "token"
+
+
+def pretrained_cache() -> Path:
+    """Where checkpoints from object storage are copied, once per node."""
+    base = os.environ.get("TUNEPLANE_CACHE")
+    return (Path(base).expanduser() if base else default_home()) / "pretrained"

@@ -1,0 +1,124 @@
+"""What a checkpoint holds and how it is checked: DeepSpeed shards, each rank's data cursor and RNG state, and
+the recipe's own state; plus the final model a run publishes.
+
+A training checkpoint is only used whole: the loader refuses one without its meta file, without every rank's
+data state, or written by another number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tuneplane.errors import CheckpointError
+from tuneplane.spec import LoraMethod, TuningSpec
+from tuneplane.train.builders import effective_zero_stage
+
+CHECKPOINT_META = "tuneplane-checkpoint.json"
+FINAL_METRICS = "final.json"  # present only in the last checkpoint of a finished run
+MODEL_DIR = "model"
+
+
+def write(folder: Path, engine: Any, stream_state: dict[str, Any], rank: int, world: int, meta: dict) -> None:
+    """This rank's part of a training checkpoint; rank 0 also writes the meta file."""
+    engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+    (folder / "data").mkdir(exist_ok=True)
+    rank_state = {"stream": stream_state, "rng": _rng_state()}
+    (folder / "data" / f"rank{rank}.json").write_text(json.dumps(rank_state))
+    if rank == 0:
+        (folder / CHECKPOINT_META).write_text(json.dumps({"world_size": world, **meta}))
+
+
+def read(folder: Path, engine: Any, rank: int, world: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the engine and this rank's RNG; returns (this rank's data cursor, the recipe's meta)."""
+    meta_path = folder / CHECKPOINT_META
+    if not meta_path.exists():
+        raise CheckpointError(
+            f"checkpoint {folder} has no {CHECKPOINT_META}: incomplete, refusing to resume from it"
+        )
+    meta = json.loads(meta_path.read_text())
+    written_by = meta.pop("world_size")
+    if written_by != world:
+        raise CheckpointError(f"checkpoint was written by {written_by} workers, this run has {world}")
+    missing = [r for r in range(world) if not (folder / "data" / f"rank{r}.json").exists()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint lacks the data state of ranks {missing}: refusing to resume from it"
+        )
+    engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+    rank_state = json.loads((folder / "data" / f"rank{rank}.json").read_text())
+    _restore_rng(rank_state["rng"])
+    return rank_state["stream"], meta
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate()[1],
+        "numpy": np.random.get_state()[1].tolist(),  # type: ignore[index]
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def final_metrics(folder: Path) -> dict[str, Any] | None:
+    """The final metrics when `folder` is the last checkpoint of a finished run, else None."""
+    path = folder / FINAL_METRICS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_model(engine: Any, spec: TuningSpec, tokenizer: Any, out: Path, rank: int, world: int) -> None:
+    """Rank 0 writes the adapter (LoRA) or the weights (full/partial). Under ZeRO-3 parameters are partitioned:
+    every rank must enter the gather, or rank 0 would write empty tensors."""
+    import deepspeed
+
+    module = engine.module
+    if effective_zero_stage(spec.distributed, world) == 3:
+        wanted = (
+            [p for p in module.parameters() if p.requires_grad]
+            if isinstance(spec.method, LoraMethod)
+            else list(module.parameters())
+        )
+        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):
+            if rank == 0:
+                _write_model(module, tokenizer, out)
+    elif rank == 0:
+        _write_model(module, tokenizer, out)
+    if rank == 0:
+        check_not_empty(out)
+    dist.barrier()
+
+
+def _write_model(module: Any, tokenizer: Any, out: Path) -> None:
+    # A PeftModel writes only the adapter (adapter_model.safetensors + adapter_config.json); a plain model
+    # writes all its weights. Inside GatheredParameters the state dict holds full, not partitioned, tensors.
+    out.mkdir(parents=True, exist_ok=True)
+    module.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def check_not_empty(folder: Path) -> None:
+    """Fail loudly if a saved model has empty tensors (ZeRO-3 without gathering writes shape-(0,) tensors)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no weights written to {folder}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = handle.get_slice(name).get_shape()
+                if shape in ([], [0]) or 0 in shape:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name} is empty; refusing to publish this model"
+                    )

@@ -1,0 +1,91 @@
+"""Training metrics maths: parameter counts, FLOPs per token, MFU, memory, and the per-step window that turns
+micro-steps into one set of logged metrics."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tuneplane.spec import LoraMethod, TuningSpec
+
+# Dense bf16 peak of common training GPUs (FLOP/s), for MFU. Unknown devices report MFU as 0.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    trainable: int
+
+
+def count_params(model: torch.nn.Module) -> ParamCounts:
+    total = trainable = 0
+    for param in model.parameters():
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return ParamCounts(total, trainable)
+
+
+def flops_per_token(spec: TuningSpec, params: ParamCounts) -> float:
+    """6N for full training (forward 2N + backward 4N); with frozen base weights (LoRA) the weight-gradient
+    half of the backward is skipped: 4N."""
+    return (4.0 if isinstance(spec.method, LoraMethod) else 6.0) * params.total
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory, or the CPU resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class StepWindow:
+    """Accumulates the micro-steps between two optimizer steps into one set of metrics (averaged over ranks)."""
+
+    def __init__(self, device: torch.device, world: int, flops_token: float) -> None:
+        self.device, self.world, self.flops_token = device, world, flops_token
+        self.peak = peak_flops(device)
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    def close(self, engine: Any, scheduler: Any) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.started
+        stats = torch.tensor(
+            [float(np.mean(self.losses)), float(self.tokens)], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(stats)
+        tokens = stats[1].item()
+        grad_norm = engine.get_global_grad_norm()
+        flops_per_s = self.flops_token * tokens / elapsed / self.world
+        metrics = {
+            "loss": stats[0].item() / self.world,
+            "lr": float(scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+            "memory_gb": memory_gb(self.device),
+            "tflops_per_device": flops_per_s / 1e12,
+            "mfu": flops_per_s / self.peak if self.peak else 0.0,
+        }
+        self.losses, self.tokens, self.started = [], 0, time.perf_counter()
+        return metrics

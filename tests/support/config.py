@@ -1,0 +1,54 @@
+"""Paths, tokens and platform configs shared by the test modules (the fixtures built on them: tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "jobs" / "data"
+
+# The PostgreSQL server the `postgres_url` fixture creates its databases on (tests skip when none answers).
+PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+TOKENS = {"tok-alpha": ("alpha", "member"), "tok-beta": ("beta", "member"), "tok-root": ("alpha", "admin")}
+
+
+def platform_config(home: Path, db: str, **overrides: object):
+    """Two teams (alpha, beta), one GPU pool only alpha may use, tokens from TOKENS."""
+    from tuneplane.config import hash_token, load_config
+
+    data: dict[str, object] = {
+        "home": str(home),
+        "database_url": db,
+        "teams": [
+            {
+                "name": "alpha",
+                "quota": {"max_concurrent_jobs": 1, "max_gpus": 8},
+                "gpu_pools": ["h100"],
+                "priority": 0,
+            },
+            {"name": "beta", "quota": {"max_concurrent_jobs": 2, "max_gpus": 0}, "priority": 10},
+        ],
+        "gpu_pools": {"h100": {"node_selector": {"pool": "h100"}, "accelerator_type": "H100"}},
+        "auth": {
+            "tokens": [
+                {"sha256": hash_token(t), "team": team, "role": role} for t, (team, role) in TOKENS.items()
+            ]
+        },
+        "reconcile_interval_s": 0.2,
+    }
+    data.update(overrides)
+    return load_config(overrides=data)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
