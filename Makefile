@@ -8,7 +8,7 @@ TINY   := build/tiny-llama/config.json
 HELM   := build/bin/helm
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint bench schema
+.PHONY: setup demo test lint bench schema chart-docs
 setup: $(STAMP) $(TINY) $(HELM)
 
 $(STAMP): constraints.txt pyproject.toml
@@ -39,8 +39,8 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check platform tests bench
-	$(VENV)/bin/ruff format --check platform tests bench
+	$(VENV)/bin/ruff check platform tests bench scripts
+	$(VENV)/bin/ruff format --check platform tests bench scripts
 	$(VENV)/bin/mypy
 
 bench: setup
@@ -50,3 +50,7 @@ bench: setup
 
 schema: $(STAMP)
 	$(PY) -m tuneplane.devtools.refdocs docs/reference
+
+## charts/tuneplane/README.md from README.md.gotmpl and the `# --` comments of values.yaml (helm-docs style).
+chart-docs: $(STAMP)
+	$(PY) scripts/chart_readme.py

@@ -8,6 +8,7 @@ Each values set (chart defaults, ci/minimal-values.yaml, ci/production-values.ya
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -15,12 +16,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.config import REPO
+from tests.support.manifests import containers, restricted_problems, validation_problems
+
 CHART = REPO / "charts" / "tuneplane"
 RELEASE, NAMESPACE = "tuneplane", "tuneplane"
 
@@ -90,10 +94,15 @@ def template(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def rendered(name: str) -> tuple[dict[str, Any], ...]:
+def rendered_text(name: str) -> str:
     result = template(*VALUES[name])
     assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+    return result.stdout
+
+
+@functools.cache
+def rendered(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(doc for doc in yaml.safe_load_all(rendered_text(name)) if doc)
 
 
 @functools.cache
@@ -141,10 +150,6 @@ def pod_templates(objs: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str,
     return pods
 
 
-def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
-
-
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
@@ -174,18 +179,7 @@ def test_lint_strict(name: str) -> None:
 def test_manifests_validate_strict(name: str, version: str) -> None:
     """Every object against the Kubernetes OpenAPI schema, strict (unknown fields are errors). The chart renders
     no custom resource, so a kind without a bundled schema is a failure too."""
-    from kubernetes_validate import utils as kv
-
-    problems = []
-    for obj in rendered(name):
-        what = f"{obj['kind']}/{obj['metadata']['name']}"
-        try:
-            kv.validate(obj, version, strict=True)
-        except kv.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            problems.append(f"{what}: {path}: {exc.message}")
-        except kv.SchemaNotFoundError as exc:
-            problems.append(f"{what}: {exc.message}")
+    problems = [problem for obj in rendered(name) for problem in validation_problems(obj, version)]
     assert not problems, "\n".join(problems)
 
 
@@ -199,26 +193,16 @@ def test_every_pod_meets_restricted_pod_security(name: str) -> None:
     assert {p[0].split("/")[0] for p in pods} == {"Deployment", "Pod"}  # API, MLflow, test hook
     for what, pod in pods:
         spec = pod["spec"]
-        pod_sc = spec.get("securityContext", {})
-        assert pod_sc.get("runAsNonRoot") is True, what
+        assert restricted_problems(spec) == [], what
+        pod_sc = spec["securityContext"]
         assert isinstance(pod_sc.get("runAsUser"), int) and pod_sc["runAsUser"] > 0, what
-        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
-        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), what
-        assert not any("hostPath" in v for v in spec.get("volumes", [])), what
         empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
         component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
         # Only the API talks to the Kubernetes API; every other pod goes without a token.
         assert spec.get("automountServiceAccountToken") is (component == "api"), what
         for c in containers(spec):
-            sc = c.get("securityContext", {})
             where = f"{what} container {c['name']}"
-            assert sc.get("allowPrivilegeEscalation") is False, where
-            assert sc.get("privileged") is not True, where
-            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
-            assert not sc.get("capabilities", {}).get("add"), where
-            assert sc.get("readOnlyRootFilesystem") is True, where
-            assert sc.get("runAsNonRoot", True) is True, where
-            assert sc.get("seccompProfile", {"type": "RuntimeDefault"})["type"] == "RuntimeDefault", where
+            assert c["securityContext"].get("readOnlyRootFilesystem") is True, where
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             assert mounts.get("/tmp") in empty_dirs, f"{where}: /tmp must be an emptyDir"
 
@@ -522,6 +506,20 @@ def test_helm_test_hook_calls_readyz(name: str) -> None:
     assert f"http://{RELEASE}.{NAMESPACE}.svc:8421/readyz" in command
 
 
+@needs_helm
+@pytest.mark.parametrize("name", VALUES)
+def test_one_kind_of_resource_per_template(name: str) -> None:
+    """Each template file renders one kind of resource (it may render several, e.g. a Role per team namespace)."""
+    kinds_by_template: dict[str, set[str]] = {}
+    for text in rendered_text(name).split("\n---\n"):
+        doc = yaml.safe_load(text)
+        source = re.search(r"^# Source: (\S+)$", text, re.MULTILINE)
+        if doc:
+            assert source, doc["kind"]
+            kinds_by_template.setdefault(source.group(1), set()).add(doc["kind"])
+    assert {t: k for t, k in kinds_by_template.items() if len(k) > 1} == {}
+
+
 # -- values: failures with clear messages, schema, documentation ----------------------------------------------
 
 
@@ -561,28 +559,29 @@ def test_schema_rejects_bad_values(args: list[str], message: str) -> None:
     assert message in result.stderr, result.stderr
 
 
+@functools.cache
+def chart_readme() -> ModuleType:
+    """scripts/chart_readme.py, which parses the `# --` comments of values.yaml and renders README.md."""
+    spec = importlib.util.spec_from_file_location("chart_readme", REPO / "scripts" / "chart_readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_every_value_is_documented() -> None:
     """helm-docs style: every leaf key has a `# --` comment right above it or sits inside a documented object;
     keys that only group other keys (image:, config:) need none."""
-    lines = (CHART / "values.yaml").read_text().splitlines()
-    keys = []  # (line number, indent, key, documented)
-    for number, line in enumerate(lines):
-        match = re.match(r"^(\s*)(- )?([A-Za-z][\w.-]*):", line)
-        if not match:
-            continue
-        above = number - 1
-        while above >= 0 and lines[above].lstrip().startswith("#") and "# --" not in lines[above]:
-            above -= 1  # continuation lines of a multi-line comment
-        documented = above >= 0 and lines[above].lstrip().startswith("# --")
-        keys.append((number, len(match.group(1)) + (2 if match.group(2) else 0), match.group(3), documented))
-    undocumented, ancestors = [], []  # ancestors: (indent, documented) of the enclosing keys
-    for i, (number, indent, key, documented) in enumerate(keys):
-        ancestors = [a for a in ancestors if a[0] < indent]
-        is_group = i + 1 < len(keys) and keys[i + 1][1] > indent
-        if not (documented or is_group or any(doc for _, doc in ancestors)):
-            undocumented.append(f"line {number + 1}: {key}")
-        ancestors.append((indent, documented))
+    documented, undocumented = chart_readme().parse_values((CHART / "values.yaml").read_text())
     assert not undocumented, undocumented
+    assert documented
+
+
+def test_readme_is_generated_from_values() -> None:
+    expected = chart_readme().render(CHART)
+    assert (CHART / "README.md").read_text() == expected, (
+        "charts/tuneplane/README.md is stale: make chart-docs"
+    )
 
 
 def test_schema_is_draft07_and_closed() -> None:
