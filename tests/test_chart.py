@@ -17,13 +17,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
 from tests.support.config import REPO
-from tests.support.manifests import containers, restricted_problems, validation_problems
+from tests.support.manifests import containers, policy_admits, restricted_problems, validation_problems
+
+if TYPE_CHECKING:
+    from tuneplane.config import PlatformConfig
+from tuneplane.config.kuberay import NetworkPeer
 
 CHART = REPO / "charts" / "tuneplane"
 RELEASE, NAMESPACE = "tuneplane", "tuneplane"
@@ -65,6 +69,7 @@ EXPECTED_RULES = {
     ("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete", "patch"},
     ("ray.io", "rayjobs/status"): {"get"},
     ("", "configmaps"): {"create", "get", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "delete"},  # one per job; no Secrets at all
     ("", "pods"): {"get", "list"},
     ("", "pods/log"): {"get"},
 }
@@ -160,6 +165,42 @@ def api_deployment(objs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
 
 def platform_config_text(objs: tuple[dict[str, Any], ...]) -> str:
     return one(objs, "ConfigMap", "api")["data"]["config.yaml"]
+
+
+def platform_config(objs: tuple[dict[str, Any], ...]) -> PlatformConfig:
+    """The rendered platform config, parsed by the app's own model (tuneplane.config.PlatformConfig)."""
+    from tuneplane.config import PlatformConfig
+
+    return PlatformConfig.model_validate(yaml.safe_load(platform_config_text(objs)))
+
+
+def release_pods(component: str) -> list[NetworkPeer]:
+    """The NetworkPeer of this release's pods of one component, in the release namespace only."""
+    from tuneplane.config.kuberay import NetworkPeer
+
+    labels = {
+        "app.kubernetes.io/name": "tuneplane",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": component,
+    }
+    return [NetworkPeer(pod_labels=labels, namespace_labels={"kubernetes.io/metadata.name": NAMESPACE})]
+
+
+def job_peers(target: dict[str, Any]) -> list[NetworkPeer]:
+    """The values' {cidrs, peers} of a job network rule as tuneplane.config.NetworkPeer objects: a missing
+    namespaceSelector means the job's namespace, `{}` any namespace (the same in both)."""
+    from tuneplane.config.kuberay import NetworkPeer
+
+    peers: list[dict[str, Any]] = [{"cidr": cidr} for cidr in target.get("cidrs", [])]
+    for peer in target.get("peers", []):
+        if "ipBlock" in peer:
+            peers.append({"cidr": peer["ipBlock"]["cidr"], "except_cidrs": peer["ipBlock"].get("except", [])})
+            continue
+        selectors = {"namespaceSelector": "namespace_labels", "podSelector": "pod_labels"}
+        peers.append(
+            {field: peer[key].get("matchLabels", {}) for key, field in selectors.items() if key in peer}
+        )
+    return [NetworkPeer.model_validate(p) for p in peers]
 
 
 # -- lint and schema validation of the manifests --------------------------------------------------------------
@@ -336,11 +377,9 @@ def test_created_namespaces_enforce_restricted(name: str) -> None:
 @needs_helm
 @pytest.mark.parametrize("name", VALUES)
 def test_platform_config_is_valid_for_the_app(name: str) -> None:
-    from tuneplane.config import PlatformConfig
-
     objs = rendered(name)
     values = chart_values(name)
-    config = PlatformConfig.model_validate(yaml.safe_load(platform_config_text(objs)))
+    config = platform_config(objs)
     assert config.backend == "kuberay"
     assert [t.name for t in config.teams] == [t["name"] for t in values["config"]["teams"]]
     assert set(config.gpu_pools) == set(values["config"]["gpuPools"])
@@ -357,10 +396,109 @@ def test_platform_config_is_valid_for_the_app(name: str) -> None:
     assert str(config.auth.tokens_file) == f"{mounts['auth']}/tokens.yaml"
     if name == "production":
         assert config.kuberay.kueue.queue_name == "{team}-gpu"
-        assert config.team("nlp") and config.team("nlp").gpu_pools == ["h100", "a100"]
+        nlp = config.team("nlp")
+        assert nlp is not None and nlp.gpu_pools == ["h100", "a100"]
         assert config.gpu_pools["h100"].accelerator_type == "H100"
         assert config.gpu_pools["h100"].tolerations[0].operator == "Exists"
         assert config.kuberay.storage_env["AWS_ACCESS_KEY_ID"].name == "tuneplane-job-s3"
+
+
+@needs_helm
+@pytest.mark.parametrize("name", VALUES)
+def test_platform_config_carries_quotas_and_timeouts(name: str) -> None:
+    config = platform_config(rendered(name))
+    values = chart_values(name)["config"]
+    waiting = {t.name: t.quota.max_waiting_jobs for t in config.teams}
+    # A team without the key gets the model's default (the minimal values' team).
+    assert waiting == {t["name"]: t.get("quota", {}).get("maxWaitingJobs", 100) for t in values["teams"]}
+    assert config.validation_timeout_s == values["validationTimeoutSeconds"]
+    if name == "production":  # non-default values arrive
+        assert waiting == {"nlp": 40, "search": 10}
+        assert config.validation_timeout_s == 120
+    else:
+        assert set(waiting.values()) == {100} and config.validation_timeout_s == 60
+
+
+@needs_helm
+@pytest.mark.parametrize("name", VALUES)
+def test_platform_config_carries_the_job_network_policy(name: str) -> None:
+    from tuneplane.config.kuberay import JobNetworkPolicy, OperatorIngress, StorageEgress
+
+    objs = rendered(name)
+    values = chart_values(name)
+    given = values["config"]["kuberay"]["networkPolicy"]
+    policy = platform_config(objs).kuberay.network_policy
+    assert policy.enabled is given["enabled"] is True
+    # The API and MLflow peers are this release's pods in the release namespace, not the model's default (those
+    # labels in any namespace); MLflow on its container's port, which is what a NetworkPolicy sees.
+    assert policy.api is not None and policy.api.peers == release_pods("api") and policy.api.ports == [8265]
+    assert policy.mlflow is not None and policy.mlflow.peers == release_pods("mlflow")
+    mlflow_container = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert policy.mlflow.ports == [p["containerPort"] for p in mlflow_container["ports"]] == [5000]
+    # The jobs resolve names through the DNS the chart's own pods use.
+    assert policy.dns == job_peers({"peers": values["networkPolicy"]["dns"]}) == JobNetworkPolicy().dns
+    assert policy.kuberay_operator.peers == job_peers(given["kuberayOperator"])
+    assert policy.kuberay_operator.ports == given["kuberayOperator"]["ports"]
+    assert policy.object_storage.peers == job_peers(given["objectStorage"])
+    assert policy.object_storage.ports == given["objectStorage"]["ports"]
+    assert [(t.peers, t.ports) for t in policy.extra_egress] == [
+        (job_peers(t), t["ports"]) for t in given["extraEgress"]
+    ]
+    if name == "production":  # the operator's namespace pinned, storage and extra egress by address or pods
+        (operator,) = policy.kuberay_operator.peers
+        assert operator.namespace_labels == {"kubernetes.io/metadata.name": "kuberay-system"}
+        assert operator.pod_labels == {"app.kubernetes.io/name": "kuberay-operator"}
+        assert [p.cidr for p in policy.object_storage.peers] == ["52.92.0.0/17", "3.5.64.0/21"]
+        mirror, proxy = (t.peers[0] for t in policy.extra_egress)
+        assert mirror.namespace_labels == {"kubernetes.io/metadata.name": "model-cache"}
+        assert (proxy.cidr, proxy.except_cidrs) == ("10.40.0.0/16", ["10.40.9.0/24"])
+    else:  # the model's defaults
+        assert policy.kuberay_operator == OperatorIngress()
+        assert policy.object_storage == StorageEgress()
+        assert policy.extra_egress == []
+
+
+def _pod(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod as `policy_admits` sees it (namespaces carry their automatic kubernetes.io/metadata.name)."""
+    return {
+        "namespace": namespace,
+        "namespace_labels": {"kubernetes.io/metadata.name": namespace},
+        "pod_labels": labels,
+    }
+
+
+@needs_helm
+@pytest.mark.parametrize("name", VALUES)
+def test_job_network_policy_admits_this_release_only(name: str) -> None:
+    """The NetworkPolicy the backend creates for a job, from the rendered config: valid, and its API and MLflow
+    rules match this release's pods as rendered, not the same labels in another namespace or release."""
+    from tuneplane.backends.base import BackendJob
+    from tuneplane.backends.kuberay import render_network_policy
+    from tuneplane.spec import load_spec
+
+    objs = rendered(name)
+    config = platform_config(objs)
+    team = config.teams[0]
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    job = BackendJob(id="tiny-cpu-20260101-000000", team=team.name, namespace=team.namespace, spec=spec)
+    policy = render_network_policy(job, config)
+    for version in K8S_VERSIONS:
+        assert validation_problems(policy, version) == []
+
+    api = api_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    mlflow = one(objs, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    other_release = {"app.kubernetes.io/instance": "other"}
+    assert policy_admits(policy, "ingress", _pod(NAMESPACE, api), 8265)
+    assert not policy_admits(policy, "ingress", _pod(NAMESPACE, api), 6379)
+    assert not policy_admits(policy, "ingress", _pod("elsewhere", api), 8265)
+    assert not policy_admits(policy, "ingress", _pod(NAMESPACE, {**api, **other_release}), 8265)
+    assert policy_admits(policy, "egress", _pod(NAMESPACE, mlflow), 5000)
+    assert not policy_admits(policy, "egress", _pod("elsewhere", mlflow), 5000)
+    assert not policy_admits(policy, "egress", _pod(NAMESPACE, {**mlflow, **other_release}), 5000)
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    assert policy_admits(policy, "ingress", _pod("kuberay-system", operator), 8265)
+    # Production pins the operator's namespace: the same labels elsewhere are refused.
+    assert policy_admits(policy, "ingress", _pod("elsewhere", operator), 8265) is (name != "production")
 
 
 @needs_helm
@@ -447,6 +585,66 @@ def test_external_mlflow_replaces_the_bundled_one() -> None:
     assert not [o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "mlflow"]
     config = yaml.safe_load(platform_config_text(objs))
     assert config["tracking_uri"] == config["kuberay"]["tracking_uri"] == uri
+    # The jobs' MLflow egress: by default any address on the URI's port (no bundled pods to name).
+    mlflow = platform_config(objs).kuberay.network_policy.mlflow
+    assert mlflow is not None and mlflow.peers == [] and mlflow.ports == [443]
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    ("uri", "given", "peers", "ports"),
+    [
+        ("http://mlflow.example.com", {}, [], [80]),
+        ("http://mlflow.example.com:8080/", {}, [], [8080]),
+        ("https://mlflow.example.com", {"cidrs": ["10.30.0.0/16"]}, [{"cidr": "10.30.0.0/16"}], [443]),
+        (
+            "http://mlflow.tracking.svc:5000",
+            {
+                "peers": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracking"}},
+                        "podSelector": {"matchLabels": {"app": "mlflow"}},
+                    }
+                ],
+                "ports": [5000, 5001],
+            },
+            [
+                {
+                    "namespace_labels": {"kubernetes.io/metadata.name": "tracking"},
+                    "pod_labels": {"app": "mlflow"},
+                }
+            ],
+            [5000, 5001],
+        ),
+    ],
+)
+def test_external_mlflow_peer_comes_from_values(
+    uri: str, given: dict[str, Any], peers: list[dict[str, Any]], ports: list[int]
+) -> None:
+    from tuneplane.config.kuberay import NetworkPeer
+
+    args = ["--set", "mlflow.enabled=false", "--set", f"mlflow.externalUri={uri}"]
+    if given:
+        args += ["--set-json", f"config.kuberay.networkPolicy.externalMlflow={json.dumps(given)}"]
+    result = template("--show-only", "templates/configmap.yaml", *args)
+    assert result.returncode == 0, result.stderr
+    mlflow = platform_config(tuple(yaml.safe_load_all(result.stdout))).kuberay.network_policy.mlflow
+    assert mlflow is not None
+    assert mlflow.peers == [NetworkPeer.model_validate(p) for p in peers] and mlflow.ports == ports
+
+
+@needs_helm
+def test_job_network_policy_can_be_turned_off() -> None:
+    args = [
+        "--set",
+        "config.kuberay.networkPolicy.enabled=false",
+        "--set",
+        "config.kuberay.networkPolicy.apiIngress=false",
+    ]
+    result = template("--show-only", "templates/configmap.yaml", *args)
+    assert result.returncode == 0, result.stderr
+    policy = platform_config(tuple(yaml.safe_load_all(result.stdout))).kuberay.network_policy
+    assert policy.enabled is False and policy.api is None
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -532,6 +730,22 @@ def test_one_kind_of_resource_per_template(name: str) -> None:
         (["--set", "mlflow.externalUri=http://mlflow:5000"], "set either mlflow.enabled"),
         (["--set", "mlflow.enabled=false"], "the jobs need an MLflow tracking server"),
         (["--set-json", 'config.teams=[{"name":"a","gpuPools":["h100"]}]'], 'GPU pool "h100" is not defined'),
+        # What the platform config would refuse at the API's start: refused at render time instead.
+        (
+            ["--set-json", "config.kuberay.networkPolicy.kuberayOperator.peers=[]"],
+            "config.kuberay.networkPolicy.kuberayOperator: give peers or cidrs",
+        ),
+        (
+            ["--set-json", 'config.kuberay.networkPolicy.objectStorage={"ports":[]}'],
+            "config.kuberay.networkPolicy.objectStorage: give cidrs, peers or ports",
+        ),
+        (
+            [
+                "--set-json",
+                'networkPolicy.dns=[{"podSelector":{"matchExpressions":[{"key":"a","operator":"Exists"}]}}]',
+            ],
+            "networkPolicy.dns[0].podSelector: only matchLabels is supported in the job NetworkPolicy",
+        ),
     ],
 )
 @needs_helm
@@ -549,6 +763,30 @@ def test_invalid_values_fail_with_a_clear_message(args: list[str], message: str)
         (["--set", "mlflow.image.tag=latest"], "/mlflow/image/tag"),
         (["--set", "config.teams[0].name=Bad_Name"], "/config/teams/0/name"),
         (["--set", "database.typo=x"], "additional properties 'typo' not allowed"),
+        (
+            ["--set-json", 'config.teams=[{"name":"a","quota":{"maxWaitingJobs":-1}}]'],
+            "/config/teams/0/quota/maxWaitingJobs",
+        ),
+        (["--set", "config.validationTimeoutSeconds=0"], "/config/validationTimeoutSeconds"),
+        (["--set", "config.validationTimeoutSeconds=3601"], "/config/validationTimeoutSeconds"),
+        (
+            ["--set", "config.kuberay.networkPolicy.kuberayOperator.ports[0]=65536"],
+            "/config/kuberay/networkPolicy/kuberayOperator/ports/0",
+        ),
+        (
+            [
+                "--set-json",
+                'config.kuberay.networkPolicy.extraEgress=[{"peers":[{"podSelector":{"matchExpressions":[]}}]}]',
+            ],
+            "/config/kuberay/networkPolicy/extraEgress/0/peers/0/podSelector",
+        ),
+        (
+            [
+                "--set-json",
+                'config.kuberay.networkPolicy.objectStorage.peers=[{"ipBlock":{"cidr":"10.0.0.0/8"},"podSelector":{}}]',
+            ],
+            "/config/kuberay/networkPolicy/objectStorage/peers/0",
+        ),
     ],
 )
 @needs_helm

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.support.config import REPO, TOKENS, free_port
+from tests.support.config import DATA_ROOTS, REPO, TOKENS, free_port
 from tuneplane.client import Client
 from tuneplane.config import hash_token
 from tuneplane.spec import load_spec
@@ -44,6 +44,7 @@ class Server:
                         ]
                     },
                     "reconcile_interval_s": 0.5,
+                    "data_roots": DATA_ROOTS,
                 }
             )
         )
@@ -125,7 +126,7 @@ def test_job_survives_an_api_crash_and_registers_its_adapter(
         final = client.wait(job_id, poll_s=1, timeout_s=400)
         assert final["state"] == "SUCCEEDED", final["message"]
         assert final["attempts"] == 1  # followed, not submitted again
-        assert final["model_uri"] and final["model_uri"].startswith("models:/e2e-adapter/")
+        assert final["model_uri"] and final["model_uri"].startswith("models:/alpha.e2e-adapter/")
         assert [m["uri"] for m in client.models()] == [final["model_uri"]]
         # the job record and its registered version carry one spec hash: they join on it
         assert [m["spec_hash"] for m in client.models()] == [final["spec_hash"]]

@@ -3,7 +3,9 @@ platform's policies on them, and the client path against an in-process Kubernete
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import queue
 import threading
 import time
@@ -15,12 +17,14 @@ import kmock
 import pytest
 import yaml
 from kubernetes import client as k8s
+from pydantic import ValidationError
 
 from tests.support.config import REPO
 from tests.support.kube_api import KubeApiServer
 from tests.support.manifests import (
     containers,
     load_crd_schema,
+    policy_admits,
     restricted_problems,
     schema_errors,
     validation_problems,
@@ -29,13 +33,16 @@ from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.backends.kuberay import (
     ENTRYPOINT,
     GROUP,
+    MANAGED_BY,
     PLURAL,
     VERSION,
     KubeRayBackend,
     rayjob_status,
     render_configmap,
+    render_network_policy,
     render_rayjob,
 )
+from tuneplane.backends.kuberay_network import network_policy_name
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError
 from tuneplane.spec import load_spec, parse_spec
@@ -195,7 +202,13 @@ def test_credentials_only_as_secret_refs(name: str, monkeypatch: pytest.MonkeyPa
         assert env["TUNEPLANE_JOB_ID"] == {"name": "TUNEPLANE_JOB_ID", "value": job_id}
         assert env["TUNEPLANE_STORAGE_PATH"]["value"] == "s3://tuneplane/runs"
         assert env["MLFLOW_TRACKING_URI"]["value"] == "http://tuneplane-mlflow:5000"
-        platform_env = {"TUNEPLANE_JOB_ID", "TUNEPLANE_STORAGE_PATH", "MLFLOW_TRACKING_URI", *STORAGE_ENV}
+        platform_env = {
+            "TUNEPLANE_JOB_ID",
+            "TUNEPLANE_TEAM",
+            "TUNEPLANE_STORAGE_PATH",
+            "MLFLOW_TRACKING_URI",
+            *STORAGE_ENV,
+        }
         assert set(env) - {"TUNEPLANE_ACCELERATOR_TYPE"} == platform_env
     # the submitter only runs `ray job submit`: it gets no credentials
     submitter = next(c for where, c in rayjob_containers(rayjob) if "submitter" in where)
@@ -390,14 +403,253 @@ def test_status_mapping(deployment: str | None, job_status: str | None, phase: R
     )
 
 
+# ------------------------------------------------------------------------------- token authentication
+
+RAY_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+
+
+def test_vendored_crd_has_token_auth(crd_schema: dict[str, Any]) -> None:
+    cluster = crd_schema["properties"]["spec"]["properties"]["rayClusterSpec"]["properties"]
+    auth = cluster["authOptions"]["properties"]
+    assert set(auth) == {"mode", "secretName", "enableK8sTokenAuth"}
+    assert auth["mode"]["enum"] == ["disabled", "token"]
+
+
+@pytest.mark.parametrize(("name", "kueue"), [(name, kueue) for name in JOBS for kueue in (False, True)])
+def test_ray_cluster_requires_a_token_kuberay_generates(name: str, kueue: bool) -> None:
+    rayjob = rendered(name, kueue=kueue)
+    # No secretName: KubeRay creates the token's Secret and gives head, workers and the K8sJobMode submitter
+    # RAY_AUTH_MODE/RAY_AUTH_TOKEN; no enableK8sTokenAuth (unsupported for RayJobs, and no SA token here).
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    for where, container in rayjob_containers(rayjob):
+        # KubeRay adds its variables only to a container that lacks them: ours would win over its token.
+        assert not RAY_AUTH_ENV & {e["name"] for e in container.get("env", [])}, where
+
+
+def test_config_refuses_what_would_break_token_auth() -> None:
+    with pytest.raises(ValidationError, match=r"needs Ray 2\.52\.0 or newer"):
+        make_config(ray_version="2.51.2")
+    with pytest.raises(ValidationError, match="expected a Ray version"):
+        make_config(ray_version="latest")
+    assert make_config(ray_version="2.52.0").kuberay.ray_version == "2.52.0"
+    token_env = {"RAY_AUTH_TOKEN": {"name": "mine", "key": "token"}}
+    with pytest.raises(ValidationError, match="RAY_AUTH_TOKEN: set by the KubeRay operator"):
+        PlatformConfig.model_validate({"kuberay": {"storage_env": token_env}})
+
+
+# ------------------------------------------------------------------------------------- network policy
+
+JOB_ID = JOBS["llama3-8b"][1]
+
+
+def pod(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod as `policy_admits` sees it (namespaces carry their automatic kubernetes.io/metadata.name)."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    return {"namespace": namespace, "namespace_labels": ns_labels, "pod_labels": labels}
+
+
+def tuneplane(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tuneplane", "app.kubernetes.io/component": component}
+
+
+# The job's own pods, then everyone else who might knock.
+HEAD = pod("ml-team-a", {"tuneplane.io/job-id": JOB_ID, "ray.io/node-type": "head"})
+WORKER = pod("ml-team-a", {"tuneplane.io/job-id": JOB_ID, "ray.io/node-type": "worker"})
+SUBMITTER = pod("ml-team-a", {"tuneplane.io/job-id": JOB_ID, "job-name": JOB_ID})
+OPERATOR = pod("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+API, MLFLOW = pod("tuneplane", tuneplane("api")), pod("tuneplane", tuneplane("mlflow"))
+KUBE_DNS = pod("kube-system", {"k8s-app": "kube-dns"})
+OTHER_JOB = pod("ml-team-a", {"tuneplane.io/job-id": "llama3-8b-lora-0000", MANAGED_BY: "tuneplane"})
+# Another tenant's pod that copies this job's labels, and one posing as the DNS: their namespaces differ.
+IMPOSTOR = pod("ml-team-b", {"tuneplane.io/job-id": JOB_ID, "ray.io/node-type": "head"})
+FAKE_DNS = pod("ml-team-b", {"k8s-app": "kube-dns"})
+INTERNET = {"ip": "52.216.8.10"}
+API_SERVER = {"ip": "10.96.0.1"}
+
+DEFAULT_INGRESS = [
+    *[(who, port, True) for who in (HEAD, WORKER, SUBMITTER) for port in (6379, 8265, 10001, 45123)],
+    (OPERATOR, 8265, True),
+    (OPERATOR, 6379, False),
+    (OPERATOR, 10001, False),
+    (API, 8265, True),
+    (API, 6379, False),
+    (MLFLOW, 8265, False),
+    *[(who, port, False) for who in (OTHER_JOB, IMPOSTOR) for port in (6379, 8265, 10001, 45123)],
+    (KUBE_DNS, 8265, False),
+    (INTERNET, 8265, False),
+    (API_SERVER, 8265, False),
+]
+DEFAULT_EGRESS = [
+    (KUBE_DNS, 53, "UDP", True),
+    (KUBE_DNS, 53, "TCP", True),
+    (KUBE_DNS, 9153, "TCP", False),
+    (FAKE_DNS, 53, "UDP", False),
+    *[(who, 6379, "TCP", True) for who in (HEAD, WORKER, SUBMITTER)],
+    (MLFLOW, 5000, "TCP", True),
+    (MLFLOW, 22, "TCP", False),
+    (INTERNET, 443, "TCP", True),  # the wide object-storage default (documented: tighten it)
+    (INTERNET, 80, "TCP", False),
+    (INTERNET, 443, "UDP", False),
+    (INTERNET, 53, "UDP", False),
+    (OTHER_JOB, 6379, "TCP", False),
+    (IMPOSTOR, 8265, "TCP", False),
+    (API, 8421, "TCP", False),
+    (API_SERVER, 6443, "TCP", False),
+]
+# What an operator who follows the docs configures: the operator's namespace pinned, no API ingress, MLflow
+# and object storage by address, a node-local DNS cache.
+TIGHT = {
+    "kuberay_operator": {
+        "peers": [
+            {
+                "pod_labels": {"app.kubernetes.io/name": "kuberay-operator"},
+                "namespace_labels": {"kubernetes.io/metadata.name": "kuberay-system"},
+            }
+        ],
+        "ports": [8265],
+    },
+    "api": None,
+    "dns": [{"cidr": "169.254.20.10/32"}],
+    "mlflow": {"peers": [{"cidr": "10.30.0.0/16"}], "ports": [443]},
+    "object_storage": {
+        "peers": [{"cidr": "10.20.0.0/16", "except_cidrs": ["10.20.5.0/24"]}],
+        "ports": [9000],
+    },
+    "extra_egress": [{"peers": [{"pod_labels": {"app": "minio"}, "namespace_labels": {}}], "ports": [9000]}],
+}
+ROGUE_OPERATOR = pod("ml-team-b", {"app.kubernetes.io/name": "kuberay-operator"})
+TIGHT_INGRESS = [
+    (OPERATOR, 8265, True),
+    (ROGUE_OPERATOR, 8265, False),
+    (API, 8265, False),
+    (HEAD, 6379, True),
+]
+TIGHT_EGRESS = [
+    ({"ip": "169.254.20.10"}, 53, "UDP", True),
+    (KUBE_DNS, 53, "UDP", False),
+    ({"ip": "10.30.4.4"}, 443, "TCP", True),
+    (MLFLOW, 5000, "TCP", False),
+    ({"ip": "10.20.1.1"}, 9000, "TCP", True),
+    ({"ip": "10.20.5.5"}, 9000, "TCP", False),  # except_cidrs
+    (pod("storage", {"app": "minio"}), 9000, "TCP", True),
+    (INTERNET, 443, "TCP", False),
+    (API_SERVER, 443, "TCP", False),
+]
+
+
+def network_policy(**settings: Any) -> dict[str, Any]:
+    job = make_job(*JOBS["llama3-8b"])
+    return render_network_policy(job, make_config(network_policy=settings))
+
+
+@pytest.mark.parametrize("k8s_version", ["1.30.0", "1.33.0"])
+@pytest.mark.parametrize(
+    "settings", [{}, TIGHT, {"dns": [], "mlflow": None}], ids=["default", "tight", "bare"]
+)
+def test_network_policy_validates_strictly(settings: dict[str, Any], k8s_version: str) -> None:
+    policy = network_policy(**settings)
+    assert validation_problems(policy, k8s_version) == []
+    assert "&id" not in yaml.safe_dump(policy)  # no shared sub-objects
+
+
+def test_network_policy_selects_every_pod_of_the_job_and_only_them() -> None:
+    policy = network_policy()
+    assert (
+        policy["metadata"]["name"] == network_policy_name(make_job(*JOBS["llama3-8b"])) == f"{JOB_ID}-network"
+    )
+    assert policy["metadata"]["namespace"] == "ml-team-a"
+    assert policy["metadata"]["labels"] == rendered("llama3-8b")["metadata"]["labels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"tuneplane.io/job-id": JOB_ID}}
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]  # isolated both ways
+    for where, template in pod_templates(rendered("llama3-8b")).items():
+        assert template["metadata"]["labels"]["tuneplane.io/job-id"] == JOB_ID, where
+
+
+def test_network_policy_has_no_open_rule() -> None:
+    for settings in ({}, TIGHT):
+        spec = network_policy(**settings)["spec"]
+        assert all(rule.get("from") for rule in spec["ingress"])  # every ingress rule names its peers
+        assert all(rule.get("to") or rule.get("ports") for rule in spec["egress"])
+        own = {"podSelector": {"matchLabels": {"tuneplane.io/job-id": JOB_ID}}}
+        # The only rules without ports are the job's own pods (Ray's ports are many and partly dynamic).
+        assert [r for r in spec["ingress"] + spec["egress"] if "ports" not in r] == [
+            {"from": [own]},
+            {"to": [own]},
+        ]
+
+
+@pytest.mark.parametrize(("who", "port", "admitted"), DEFAULT_INGRESS)
+def test_default_ingress_admits_only_the_job_the_operator_and_the_api(
+    who: dict[str, Any], port: int, admitted: bool
+) -> None:
+    assert policy_admits(network_policy(), "ingress", who, port) is admitted
+
+
+@pytest.mark.parametrize(("who", "port", "protocol", "admitted"), DEFAULT_EGRESS)
+def test_default_egress_admits_only_dns_the_job_mlflow_and_storage(
+    who: dict[str, Any], port: int, protocol: str, admitted: bool
+) -> None:
+    assert policy_admits(network_policy(), "egress", who, port, protocol) is admitted
+
+
+@pytest.mark.parametrize(("who", "port", "admitted"), TIGHT_INGRESS)
+def test_tightened_ingress(who: dict[str, Any], port: int, admitted: bool) -> None:
+    assert policy_admits(network_policy(**TIGHT), "ingress", who, port) is admitted
+
+
+@pytest.mark.parametrize(("who", "port", "protocol", "admitted"), TIGHT_EGRESS)
+def test_tightened_egress(who: dict[str, Any], port: int, protocol: str, admitted: bool) -> None:
+    assert policy_admits(network_policy(**TIGHT), "egress", who, port, protocol) is admitted
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kuberay_operator": {"peers": [], "ports": [8265]}}, "an ingress rule needs peers"),
+        ({"api": {"peers": []}}, "an ingress rule needs peers"),
+        ({"object_storage": {"ports": []}}, "an egress rule needs peers or ports"),
+        ({"extra_egress": [{"peers": []}]}, "an egress rule needs peers or ports"),
+        ({"dns": [{}]}, "give pod_labels, namespace_labels or cidr"),
+        ({"dns": [{"cidr": "10.0.0.0/8", "pod_labels": {"a": "b"}}]}, "either a cidr or pods"),
+        ({"mlflow": {"peers": [{"cidr": "10.0.0.300/8"}]}}, "not a CIDR"),
+        ({"mlflow": {"peers": [{"pod_labels": {}, "except_cidrs": ["10.0.0.0/8"]}]}}, "except_cidrs needs"),
+        ({"mlflow": {"peers": [{"pod_labels": {}}], "ports": [0]}}, "ports are 1-65535"),
+        ({"egress": []}, "Extra inputs are not permitted"),
+    ],
+)
+def test_network_policy_settings_that_would_open_it_are_refused(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make_config(network_policy=settings)
+
+
 # ------------------------------------------------------------------------------------ client (kmock)
 
 
 @pytest.fixture(scope="module")
 def kube_api() -> Iterator[KubeApiServer]:
     server = KubeApiServer()
+    # Listable before the first object exists (the Secrets: KubeRay's, played by a test).
+    resources = server.handler.resources
+    resources.setdefault("networking.k8s.io/v1/networkpolicies", kmock.ResourceInfo(kind="NetworkPolicy"))
+    resources.setdefault("v1/secrets", kmock.ResourceInfo(kind="Secret", namespaced=True))
+    resources["networking.k8s.io/v1/networkpolicies"].namespaced = True
     yield server
     server.stop()
+
+
+def named(request: Any) -> str:
+    """The name of the object a kmock request is about: the one in its URL, else the one in its body."""
+    return request.name or ((request.data or {}).get("metadata") or {}).get("name", "")
+
+
+def network_policies(backend: KubeRayBackend, namespace: str) -> list[dict[str, Any]]:
+    """The NetworkPolicies stored in `namespace`, as sent (raw JSON, not the client's models)."""
+    api = k8s.NetworkingV1Api(backend.api_client)
+    response = api.list_namespaced_network_policy(namespace, _preload_content=False)
+    return json.loads(response.data)["items"]
 
 
 @pytest.fixture
@@ -428,13 +680,21 @@ def test_submit_status_watch_cancel(kube_api: KubeApiServer, backend: KubeRayBac
     def configmaps() -> list[str]:
         return [cm.metadata.name for cm in core.list_namespaced_config_map(job.namespace).items]
 
+    def policies() -> list[str]:
+        return [p["metadata"]["name"] for p in network_policies(backend, job.namespace)]
+
     assert backend.status(job) == RunStatus(RunPhase.MISSING, "no RayJob of this name")
     backend.submit(job)
     (stored,) = rayjobs()
     assert stored == render_rayjob(job, backend.config)
+    assert stored["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     assert configmaps() == [f"{job.id}-spec"]
+    assert network_policies(backend, job.namespace) == [render_network_policy(job, backend.config)]
+    # The fence and the spec exist before the RayJob, so no pod of the job ever runs without them.
+    posts = [r.resource.plural for r in list(kube_api.handler) if r.method == "POST" and job.id in named(r)]
+    assert posts == ["configmaps", "networkpolicies", "rayjobs"]
     backend.submit(job)  # idempotent: the 409s are "already submitted"
-    assert len(rayjobs()) == 1 and configmaps() == [f"{job.id}-spec"]
+    assert len(rayjobs()) == 1 and configmaps() == [f"{job.id}-spec"] and policies() == [f"{job.id}-network"]
     assert backend.status(job).phase == RunPhase.PENDING
 
     operator_sets_status(backend, job, jobDeploymentStatus="Running", jobStatus="RUNNING")
@@ -474,7 +734,7 @@ def test_submit_status_watch_cancel(kube_api: KubeApiServer, backend: KubeRayBac
     assert events.get(timeout=15) is None
     watcher.join(10)
     assert not watcher.is_alive()
-    assert rayjobs() == [] and configmaps() == []
+    assert rayjobs() == [] and configmaps() == [] and policies() == []
     assert backend.status(job).phase == RunPhase.MISSING
     backend.cancel(job)  # idempotent: 404s ignored
     assert backend.status(job).phase == RunPhase.MISSING
@@ -482,6 +742,94 @@ def test_submit_status_watch_cancel(kube_api: KubeApiServer, backend: KubeRayBac
         r for r in list(kube_api.handler) if r.method == "DELETE" and r.resource == "ray.io/v1/rayjobs"
     ]
     assert len(deletes) == 2 and all(r.params.get("propagationPolicy") == "Background" for r in deletes)
+    deleted = [r.url.path for r in list(kube_api.handler) if r.method == "DELETE"]
+    policy_path = f"/apis/networking.k8s.io/v1/namespaces/{job.namespace}/networkpolicies/{job.id}-network"
+    assert deleted.count(policy_path) == 2
+
+
+def test_network_policy_can_be_left_to_the_operator(kube_api: KubeApiServer) -> None:
+    job = make_job("llama3-8b-lora-zero2.yaml", "no-policy-job")
+    backend = KubeRayBackend(make_config(api_server=kube_api.url, network_policy={"enabled": False}))
+    try:
+        backend.submit(job)
+        backend.cancel(job)
+    finally:
+        backend.close()
+    sent = [(r.method, r.resource.plural) for r in list(kube_api.handler) if job.id in named(r)]
+    assert sent == [
+        ("POST", "configmaps"),
+        ("POST", "rayjobs"),
+        ("DELETE", "rayjobs"),
+        ("DELETE", "configmaps"),
+    ]
+
+
+def test_no_ray_token_in_manifests_logs_or_errors(
+    kube_api: KubeApiServer,
+    backend: KubeRayBackend,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cluster's token lives only in the Secret KubeRay creates: Tuneplane never reads it, renders it,
+    logs it or quotes it, whatever the API answers."""
+    token = "ray-token-sentinel-5d1e7c"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # even one in the control plane's own environment
+    caplog.set_level(logging.DEBUG)
+    # A namespace of its own: the fake API ignores label selectors, so its pods would show in other tests.
+    spec = make_job("llama3-8b-lora-zero2.yaml", "token-job").spec
+    job = BackendJob(id="token-job", team="team-a", namespace="ml-team-token", spec=spec)
+    core = k8s.CoreV1Api(backend.api_client)
+    manifests = [render_configmap(job, backend.config), render_rayjob(job, backend.config)]
+    manifests.append(render_network_policy(job, backend.config))
+    backend.submit(job)
+    # Play KubeRay: the RayCluster's Secret with a random token, then the job running and its logs.
+    secret_name, encoded = f"{job.id}-abc12", base64.b64encode(token.encode()).decode()
+    secret = {"metadata": {"name": secret_name}, "data": {"auth_token": encoded}}
+    core.create_namespaced_secret(job.namespace, secret)
+    operator_sets_status(backend, job, jobDeploymentStatus="Running", jobStatus="RUNNING", message="running")
+    submitter = {
+        "metadata": {"name": f"{job.id}-x1", "namespace": job.namespace, "labels": {"job-name": job.id}},
+        "spec": {"containers": [{"name": "ray-job-submitter", "image": "ray"}]},
+        "status": {"phase": "Running"},
+    }
+    core.create_namespaced_pod(job.namespace, submitter)
+    log = kmock.Response(payload=b"Job submitted\nstep 1 loss 6.9", headers={"Content-Type": "text/plain"})
+    kube_api.react(f"get /api/v1/namespaces/{job.namespace}/pods/{job.id}-x1/log", log)
+    seen = [str(backend.status(job)), *backend.logs(job)]
+    backend.cancel(job)
+    # Errors whose response bodies quote the token (as a careless admission webhook might).
+    errors = []
+    leaky = BackendJob(id="token-leak", team="team-a", namespace="ml-team-leak", spec=spec)
+    body = {"kind": "Status", "code": 422, "reason": "Invalid", "message": f"denied: {token}"}
+    for request in [
+        f"post /apis/networking.k8s.io/v1/namespaces/{leaky.namespace}/networkpolicies",
+        f"delete /api/v1/namespaces/{leaky.namespace}/configmaps/{leaky.id}-spec",
+    ]:
+        kube_api.react(request, kmock.Response(status=422, payload=body))
+    for call in (backend.submit, backend.cancel):
+        with pytest.raises(BackendError) as err:
+            call(leaky)
+        errors.append(str(err.value))
+    assert errors == [
+        "create NetworkPolicy ml-team-leak/token-leak-network: HTTP 422 Unprocessable Entity",
+        "delete ConfigMap ml-team-leak/token-leak-spec: HTTP 422 Unprocessable Entity",
+    ]
+
+    # The sentinel really is in the fake cluster (KubeRay's Secret) ...
+    stored = core.read_namespaced_secret(secret_name, job.namespace).data["auth_token"]
+    assert base64.b64decode(stored).decode() == token
+    # ... and nowhere Tuneplane put anything.
+    ours = [r for r in caplog.records if not r.name.startswith(("kmock", "aiohttp", "asyncio"))]
+    assert ours, "nothing was logged: the check would prove nothing"
+    for text in [json.dumps(manifests), *seen, *errors, *(r.getMessage() for r in ours)]:
+        assert token not in text
+    assert "RAY_AUTH_TOKEN" not in json.dumps(manifests)
+    # The backend never asked for a Secret: only the test (playing KubeRay) touched them.
+    secret_requests = [(r.method, r.url.path) for r in list(kube_api.handler) if "/secrets" in r.url.path]
+    assert secret_requests == [
+        ("POST", f"/api/v1/namespaces/{job.namespace}/secrets"),
+        ("GET", f"/api/v1/namespaces/{job.namespace}/secrets/{secret_name}"),
+    ]
 
 
 def test_client_from_kubeconfig(kube_api: KubeApiServer, tmp_path: Path) -> None:
@@ -591,11 +939,21 @@ def test_control_plane_on_kuberay_follows_by_watch_and_cancels(
     db = Database(f"sqlite:///{tmp_path / 'cp.db'}")
     db.migrate()
     config = backend.config.model_copy(
-        update={"reconcile_interval_s": 60.0, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        update={
+            "reconcile_interval_s": 60.0,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "validate_data": False,  # only the job's pods hold the storage credentials
+        }
     )
     reconciler = Reconciler(db, backend, config)
     team = Principal("team-a")
-    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")  # data on local disk: validation can reach it
+    # A cluster job reads object storage only (a local path would fail the job's validation).
+    raw = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
+    raw["model"]["base"] = "s3://models/tiny-llama"
+    for group in (raw["data"]["sources"], raw["data"]["eval_sources"], raw["eval"]["zero_shot_sources"]):
+        for i, source in enumerate(group):
+            source["uri"] = f"s3://datasets/tiny/{i}.jsonl"
+    spec = parse_spec(raw)
     with db.session() as s:
         done_id = create_job(s, team, spec, 0)[0].id
         stopped_id = create_job(s, team, spec, 0)[0].id

@@ -5,52 +5,19 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from tests.support.backends import RecordingBackend
 from tests.support.config import REPO, platform_config
-from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.backends.base import RunPhase, RunStatus
 from tuneplane.reconciler import Reconciler
 from tuneplane.spec import load_spec
 from tuneplane.store import Database, Job, Principal, cancel_job, create_job
 
 ALPHA, BETA = Principal("alpha"), Principal("beta")
-
-
-class RecordingBackend:
-    """Plays a cluster: remembers submits and cancels; the test sets each job's phase."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.submits: Counter[str] = Counter()
-        self.cancels: Counter[str] = Counter()
-        self.phase: dict[str, RunStatus] = {}
-
-    def submit(self, job: BackendJob) -> None:
-        with self.lock:
-            self.submits[job.id] += 1
-            self.phase.setdefault(job.id, RunStatus(RunPhase.PENDING))
-
-    def status(self, job: BackendJob) -> RunStatus:
-        return self.phase.get(job.id, RunStatus(RunPhase.MISSING))
-
-    def cancel(self, job: BackendJob) -> None:
-        self.cancels[job.id] += 1
-        self.phase[job.id] = RunStatus(RunPhase.STOPPED)
-
-    def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
-        return iter(())
-
-    def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:
-        return iter(())
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,12 @@ queues a job. Every check answers `(field, message)` pairs naming the field at f
 from __future__ import annotations
 
 import os
+import threading
+from itertools import takewhile
+from pathlib import Path
 from typing import Any
 
-from tuneplane.config import PlatformConfig
+from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, SpecError
 from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec
 from tuneplane.store import Principal
@@ -46,12 +49,13 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
         )
     if gpus and config.backend == "local":
         problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
-    return problems + _location_problems(spec, config)
+    return problems + _location_problems(spec, team, config)
 
 
-def _location_problems(spec: TuningSpec, config: PlatformConfig) -> Problems:
+def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
     """Where a spec may point. The control plane looks these up (validation), so only object storage, and local
-    paths on the local backend: never http(s) or other schemes, which would let a spec probe the network."""
+    paths on the local backend inside the team's data roots: never http(s) or other schemes, which would let a
+    spec probe the network, and never a host file the team was not given."""
     out = []
     for field, location, kind in _locations(spec):
         if kind == "uri":
@@ -62,11 +66,34 @@ def _location_problems(spec: TuningSpec, config: PlatformConfig) -> Problems:
             continue
         elif config.backend != "local":
             out.append((field, "a local path means nothing to a cluster job; use object storage"))
-        elif not location.startswith(
-            "/"
-        ):  # the CLI makes a spec file's relative paths absolute before sending
+        elif not location.startswith("/"):
+            # the CLI makes a spec file's relative paths absolute before sending
             out.append((field, "a relative path; use an absolute path or a URI"))
+        elif not readable(_static_prefix(location), team, config):
+            out.append((field, not_readable(location)))
     return out
+
+
+def not_readable(location: str) -> str:
+    """One answer for a local path outside the team's data roots and one that does not exist, so that a
+    refusal never tells whether a path exists."""
+    return f"{location}: no readable data here (missing, or outside this team's data roots)"
+
+
+def readable(path: str, team: Team, config: PlatformConfig) -> bool:
+    """Whether a local path, resolved (symlinks, '..', '~'), lies inside one of the team's data roots and
+    outside the platform's own state folder (tokens, other teams' jobs and artifacts)."""
+    real = Path(os.path.realpath(os.path.expanduser(path)))
+    home = Path(os.path.realpath(config.home))
+    if real == home or home in real.parents:
+        return False
+    return any(real == root or root in real.parents for root in config.readable_roots(team))
+
+
+def _static_prefix(location: str) -> str:
+    """The part of a glob before its first wildcard: the folder every match lies under."""
+    fixed = list(takewhile(lambda part: not any(c in part for c in "*?["), Path(location).parts))
+    return str(Path(*fixed)) if fixed else "/"
 
 
 def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
@@ -81,27 +108,45 @@ def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
     return out
 
 
-def reachability_problems(spec: TuningSpec) -> Problems:
-    """The spec's data sources and local model folder that cannot be found (object storage is listed)."""
+def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) -> Problems:
+    """The spec's data sources and local model folder that cannot be found (object storage is listed), and
+    local files a glob or symlink reaches outside the team's data roots."""
     from tuneplane.data.records import expand
 
+    team = config.team(team_name)
+    if team is None:
+        return [("", f"team {team_name} is not configured")]
     problems: Problems = []
     for field, source in spec.source_fields():
         try:
-            expand(source.uri)
+            files = expand(source.uri)
         except DataError as exc:
             problems.append((f"{field}.uri", str(exc)))
+            continue
         except Exception as exc:  # the storage client's own errors (credentials, network)
             problems.append((f"{field}.uri", f"{source.uri}: cannot list: {type(exc).__name__}: {exc}"))
-    base = spec.model.base
-    if spec.model.base_kind == "path" and not os.path.isdir(os.path.expanduser(base)):
-        problems.append(("model.base", f"{base}: no such folder"))
+            continue
+        if is_local_path(source.uri) and not all(readable(f, team, config) for f in files):
+            problems.append((f"{field}.uri", not_readable(source.uri)))
+    for field, location, kind in _locations(spec):
+        if not field.startswith("model.") or kind != "path":
+            continue
+        if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):
+            problems.append((field, not_readable(location)))
     return problems
 
 
-def preflight_report(spec: TuningSpec, max_records: int) -> dict[str, Any]:
-    """The data preflight `tuneplane validate` prints (needs the tokenizer; bounded by max_records)."""
+_LOADING = threading.Lock()  # transformers' lazy imports are not safe when two first calls race
+
+
+def preflight_report(spec: TuningSpec, max_records: int) -> dict[str, Any] | None:
+    """The data preflight `tuneplane validate` prints (needs the tokenizer; bounded by max_records), or None
+    when the tokenizer is a hub id: the control plane never reaches the internet."""
     from tuneplane.data import preflight
     from tuneplane.pretrained import load_tokenizer
 
-    return preflight(spec, load_tokenizer(spec.model), max_records=max_records, samples=1).to_dict()
+    if model_location_kind(spec.model.tokenizer_location) == "hub":
+        return None
+    with _LOADING:
+        tokenizer = load_tokenizer(spec.model)
+    return preflight(spec, tokenizer, max_records=max_records, samples=1).to_dict()

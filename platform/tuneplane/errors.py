@@ -14,6 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+MAX_ECHO = 300  # characters of user data (a record value, a field) an error message may quote
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """`text` cut to `limit` characters: an error quoting a 10 MB record value must not become a 10 MB answer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 class TuneplaneError(Exception):
     """Base of every deliberate error; `problems` holds (where, message) pairs."""
@@ -68,7 +75,7 @@ class DataError(TuneplaneError, ValueError):
     """A problem in the data, located as `uri:line` when it concerns one record."""
 
     def __init__(self, uri: str, reason: str, line: int | None = None):
-        self.uri, self.reason, self.line = uri, reason, line
+        self.uri, self.reason, self.line = clip(uri, 1000), clip(reason), line
         super().__init__(f"{uri}:{line}: {reason}" if line is not None else f"{uri}: {reason}")
 
     @property
@@ -78,6 +85,9 @@ class DataError(TuneplaneError, ValueError):
 
 class FormatError(TuneplaneError, ValueError):
     """A record that does not fit its declared format; the message names the record's field."""
+
+    def __init__(self, message: str):
+        super().__init__(clip(message))
 
 
 class PretrainedError(TuneplaneError):
@@ -102,6 +112,10 @@ class NotFound(TuneplaneError):
 
 class Conflict(TuneplaneError):
     """The request contradicts the record: an Idempotency-Key reused for another spec, a job already ended."""
+
+
+class QuotaExceeded(TuneplaneError):
+    """The team may not have more of something at once (waiting jobs)."""
 
 
 class InvalidTransition(Conflict):

@@ -14,7 +14,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from tuneplane.errors import PretrainedError
+from tuneplane.errors import PretrainedError, clip
 from tuneplane.home import pretrained_cache
 from tuneplane.spec import ModelSpec, is_local_path, model_location_kind
 
@@ -32,13 +32,15 @@ TOKENIZER_FILES = (
 _COMPLETE = ".tuneplane-complete"
 
 
-def local_copy(uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | None = None) -> Path:
+def local_copy(
+    uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | None = None, field: str = "model.base"
+) -> Path:
     """A local folder holding the checkpoint at `uri`. Object storage is copied once; concurrent callers on
     the node wait on a file lock, and a copy without its completion marker is never used."""
     if is_local_path(uri) or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_dir():
-            raise PretrainedError(f"{uri}: no such checkpoint folder")
+            raise PretrainedError(f"{field}: {uri}: no such checkpoint folder")
         return path
     fs, root = url_to_fs(uri)
     key = hashlib.sha256(f"{uri}|{'|'.join(patterns)}".encode()).hexdigest()[:16]
@@ -57,9 +59,9 @@ def local_copy(uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | N
                 if any(fnmatch.fnmatch(p.rsplit("/", 1)[-1], pat) for pat in patterns)
             ]
         except (OSError, ValueError) as exc:
-            raise PretrainedError(f"{uri}: cannot list checkpoint: {exc}") from None
+            raise PretrainedError(f"{field}: {uri}: cannot list checkpoint: {clip(str(exc))}") from None
         if not names:
-            raise PretrainedError(f"{uri}: no checkpoint files found")
+            raise PretrainedError(f"{field}: {uri}: no checkpoint files found")
         for name in names:
             dest = target / name[len(root) :].lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -73,32 +75,42 @@ def from_pretrained(
     location: str,
     revision: str | None = None,
     files: tuple[str, ...] = ("*",),
+    field: str = "model.base",
+    expect: str = "config.json",
     **kwargs: Any,
 ) -> Any:
     """`cls.from_pretrained` (a transformers Auto class) on a model location: the one way base models and
     tokenizers are loaded. A hub id goes to the hub as it is; a local folder is used in place; from an
-    object-storage URI the `files` are copied to this node first."""
+    object-storage URI the `files` are copied to this node first. A folder without `expect` is refused with a
+    message naming the spec `field`, before transformers says something longer."""
     kind = model_location_kind(location)
     if kind == "hub":
         source = location
     else:
-        source, revision = str(local_copy(location, files)), None  # a revision names a hub commit only
+        folder = local_copy(location, files, field=field)
+        if not (folder / expect).is_file():
+            raise PretrainedError(f"{field}: no {expect} in {location}")
+        source, revision = str(folder), None  # a revision names a hub commit only
     try:
         return cls.from_pretrained(source, revision=revision, **kwargs)
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise PretrainedError(
-                f"{location}: not a local path or URI, and not loadable from the hub here "
+                f"{field}: {location} is not a local path or URI, and not loadable from the hub here "
                 f"({type(exc).__name__}); mirror it to object storage and use its URI"
             ) from None
-        raise PretrainedError(f"{location}: cannot load: {exc}") from None
+        reason = clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise PretrainedError(f"{field}: {location}: cannot load: {reason}") from None
 
 
 def load_tokenizer(model: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    location = model.tokenizer or model.base
-    tokenizer = from_pretrained(AutoTokenizer, location, model.revision, TOKENIZER_FILES)
+    field = "model.tokenizer" if model.tokenizer else "model.base"
+    location = model.tokenizer_location
+    tokenizer = from_pretrained(
+        AutoTokenizer, location, model.revision, TOKENIZER_FILES, field=field, expect="tokenizer.json"
+    )
     if not getattr(tokenizer, "is_fast", False):
-        raise PretrainedError(f"{location}: a fast (tokenizer.json) tokenizer is required")
+        raise PretrainedError(f"{field}: {location}: a fast (tokenizer.json) tokenizer is required")
     return tokenizer

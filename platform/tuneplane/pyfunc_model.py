@@ -1,6 +1,6 @@
 """The MLflow pyfunc a consumer gets from `models:/NAME/VERSION`: base + adapter, prompts in, generations out.
 
-model = mlflow.pyfunc.load_model("models:/tiny-cpu-adapter/1")
+model = mlflow.pyfunc.load_model("models:/default.tiny-cpu-adapter/1")  # <team>.<registered_model_name>
 model.predict(["Reverse the word.\\n\\nabc"])          # -> ["cba"]
 model.predict(pd.DataFrame({"instruction": [...], "input": [...]}))
 """

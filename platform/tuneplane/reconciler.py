@@ -16,11 +16,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy.orm import Session
 
-from tuneplane.admission import reachability_problems
+from tuneplane.admission import policy_problems, reachability_problems
 from tuneplane.backends.base import Backend, BackendJob, RunPhase
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError, SpecError, describe
@@ -30,6 +32,7 @@ from tuneplane.states import ACTIVE, JobState
 from tuneplane.store import Database, Job, Usage, end_job, record_submission, transition
 from tuneplane.store.jobs import (
     deadline_passed,
+    idle_for,
     ids_in,
     lock_job,
     lock_scheduling,
@@ -38,8 +41,10 @@ from tuneplane.store.jobs import (
     usage_by_team,
 )
 from tuneplane.store.models import utcnow
+from tuneplane.validation import ValidationPool
 
 log = logging.getLogger("tuneplane.reconciler")
+_WAIT_IN_PASS_S = 2.0  # a pass waits this long for lookups it started: quick ones finish in the same pass
 
 
 class Reconciler:
@@ -49,6 +54,8 @@ class Reconciler:
         self.config = config
         self.actor = f"reconciler@{socket.gethostname()}:{os.getpid()}"
         self.wake = threading.Event()
+        self.validations = ValidationPool(config.validation_timeout_s)
+        self._takeover_s = config.validation_timeout_s + 30
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -60,6 +67,7 @@ class Reconciler:
                 log.exception("reconcile pass failed")
             self.wake.wait(self.config.reconcile_interval_s)
             self.wake.clear()
+        self.validations.close()
 
     def watch_backend(self, stop: threading.Event) -> None:
         """Wake the loop as soon as the backend reports a change (one watch per team namespace); the
@@ -87,31 +95,58 @@ class Reconciler:
     # -- PENDING -> VALIDATING -> QUEUED | FAILED --------------------------------------------------------
 
     def validate_new(self) -> None:
+        """Data lookups of new jobs run in the background, one per team at a time; a pass starts them, records
+        those that finish, and starts each team's next, for up to _WAIT_IN_PASS_S. A slow lookup never holds
+        up following or scheduling, nor another team's lookups."""
+        deadline = time.monotonic() + _WAIT_IN_PASS_S
+        while self._start_lookups():
+            finished = self.validations.collect(max(0.0, deadline - time.monotonic()))
+            for job_id, problems in finished:
+                self._record_lookup(job_id, problems)
+            if not finished or time.monotonic() >= deadline:
+                return
+
+    def _start_lookups(self) -> bool:
+        """Start a lookup for each team's oldest new job; whether any is in flight."""
+        now = utcnow()
         for job_id in self._ids_in({JobState.PENDING, JobState.VALIDATING}):
+            if self.validations.has(job_id):
+                continue
             with self.db.session() as s:
                 job = lock_job(s, job_id)
                 if job is None or job.state not in (JobState.PENDING, JobState.VALIDATING):
                     continue
+                if self.validations.team_busy(job.team):
+                    continue
+                if job.state == JobState.VALIDATING and not idle_for(job, self._takeover_s, now):
+                    continue  # another replica is checking it
                 if job.state == JobState.PENDING:
                     transition(s, job, JobState.VALIDATING, self.actor)
-                spec_dict = job.spec
-            problems = self._problems(spec_dict)  # slow I/O: outside any transaction
-            with self.db.session() as s:
-                job = lock_job(s, job_id)
-                if job is None or job.state != JobState.VALIDATING:
-                    continue
-                if problems:
-                    transition(s, job, JobState.FAILED, self.actor, describe(problems))
-                else:
-                    transition(s, job, JobState.QUEUED, self.actor, "waiting for quota")
+                else:  # its replica died mid-check: take it over, and say so
+                    set_message(job, f"validation taken over by {self.actor}")
+                self.validations.start(job.id, job.team, partial(self._problems, job.spec, job.team))
+        return self.validations.in_flight()
 
-    def _problems(self, spec_dict: dict) -> list[tuple[str, str]]:
+    def _record_lookup(self, job_id: str, problems: list[tuple[str, str]]) -> None:
+        with self.db.session() as s:
+            job = lock_job(s, job_id, wait=True)  # another replica may be looking at it for a moment
+            if job is None or job.state != JobState.VALIDATING:
+                return
+            if problems:
+                transition(s, job, JobState.FAILED, self.actor, describe(problems))
+            else:
+                transition(s, job, JobState.QUEUED, self.actor, "waiting for quota")
+
+    def _problems(self, spec_dict: dict, team: str) -> list[tuple[str, str]]:
         try:
             spec = parse_spec(spec_dict)
         except SpecError as exc:  # stored by an older version that accepted it
             return exc.problems
-        # Off when only the job's pods hold the storage credentials.
-        return reachability_problems(spec) if self.config.validate_data else []
+        problems = policy_problems(spec, team, self.config)  # the config may have changed since submit
+        # Lookups are off when only the job's pods hold the storage credentials.
+        if not problems and self.config.validate_data:
+            problems = reachability_problems(spec, team, self.config)
+        return problems
 
     # -- QUEUED -> SUBMITTED ----------------------------------------------------------------------------
 
@@ -121,7 +156,9 @@ class Reconciler:
             usage = usage_by_team(s)
             running = sum(u.jobs for u in usage.values())
             capacity = self.config.local.max_concurrent_jobs if self.backend.name == "local" else None
-            for job in queued_jobs(s):
+            # Only teams with room are read: a team at its quota, however many jobs it queued, holds up no one.
+            full = {t.name for t in self.config.teams if not fits_quota(t.quota, *_held(usage, t.name), 0)}
+            for job in queued_jobs(s, skip_teams=full):
                 if capacity is not None and running >= capacity:
                     break
                 team = self.config.team(job.team)
@@ -195,3 +232,8 @@ class Reconciler:
             log.warning("cannot read the registry for %s: %s", job_id, exc)
             return None
         return versions[-1]["uri"] if versions else None
+
+
+def _held(usage: dict[str, Usage], team: str) -> tuple[int, int]:
+    held = usage.get(team, Usage())
+    return held.jobs, held.gpus

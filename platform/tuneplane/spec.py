@@ -50,8 +50,21 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 LocationKind = Literal["uri", "path", "hub"]
 
 
+# Run-time limits a spec must fit: beyond them a value is a mistake or an attack (a step count no job reaches,
+# a seed numpy cannot take), refused at submit rather than failing hours later.
+MAX_STEPS = 100_000_000
+MAX_SOURCES = 64
+MAX_URI = 4096
+MAX_TEXT = 32_768
+MAX_SPEC_BYTES = 1 << 20
+_TOO_DEEP = "nested too deeply to be a spec"
+# Experiment and registered-model names: MLflow's own characters, never a path (no '/', no '..').
+_MLFLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Floats are finite: NaN or Infinity (which JSON cannot even store) would loop or crash a run.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 def _check_uri(value: str) -> str:
@@ -73,10 +86,15 @@ class ModelSpec(_Strict):
     """The pretrained base model."""
 
     base: str = Field(
-        description="Object-storage URI (s3://, gs://, az://), hub id (org/name) or local folder (/x, ./x, ~/x)."
+        max_length=MAX_URI,
+        description="Object-storage URI (s3://, gs://, az://), hub id (org/name) or local folder (/x, ./x, ~/x).",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
-    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `base`.")
+    revision: str | None = Field(
+        None, max_length=256, description="Hub revision (branch, tag or commit); hub ids only."
+    )
+    tokenizer: str | None = Field(
+        None, max_length=MAX_URI, description="Tokenizer location when it differs from `base`."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; `auto` = bfloat16 on GPU, float32 on CPU."
     )
@@ -96,20 +114,30 @@ class InstructionTemplate(_Strict):
     """A FLAN-style template turning a labeled record into an (instruction, response) pair."""
 
     prompt: str = Field(
-        description="Python format string over the record's fields, e.g. '{premise}\\nTrue or false?'."
+        max_length=MAX_TEXT,
+        description="Text with `{field}` placeholders for the record's fields, e.g. '{premise}\\nTrue or false?'.",
     )
-    response: str = Field("{label}", description="Format string for the target, e.g. '{label}'.")
+    response: str = Field(
+        "{label}", max_length=MAX_TEXT, description="Text with `{field}` placeholders for the target."
+    )
 
     @field_validator("prompt", "response")
     @classmethod
     def _well_formed(cls, value: str) -> str:
+        """Plain `{field}` placeholders only: a format spec (`{x:>999999999}`) or conversion (`{x!r}`) could
+        make one record render to gigabytes."""
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+            parts = [
+                (name, spec, conv)
+                for _, name, spec, conv in string.Formatter().parse(value)
+                if name is not None
+            ]
         except ValueError as exc:
             raise ValueError(f"not a valid format string: {exc}") from None
-        for name in names:
-            if not name.isidentifier():
-                raise ValueError(f"placeholder {{{name}}} must be a plain field name")
+        for name, spec, conv in parts:
+            if not name.isidentifier() or spec or conv:
+                shown = f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"[:60]
+                raise ValueError(f"placeholder {shown} must be a plain field name such as {{label}}")
         return value
 
     def fields(self) -> set[str]:
@@ -124,20 +152,25 @@ class InstructionTemplate(_Strict):
 class SourceSpec(_Strict):
     """One instruction dataset: files in object storage with one record format."""
 
-    uri: str = Field(description="fsspec URI or local path; globs allowed (s3://bucket/flan/*.jsonl.gz).")
+    uri: str = Field(
+        max_length=MAX_URI,
+        description="fsspec URI or local path; globs allowed (s3://bucket/flan/*.jsonl.gz).",
+    )
     format: FormatName = Field(
         description="Record layout: alpaca, messages, sharegpt, prompt_completion, labeled."
     )
     name: str | None = Field(
-        None, description="Short name for reports and metrics; defaults to the file stem."
+        None, max_length=128, description="Short name for reports and metrics; defaults to the file stem."
     )
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight when mixing sources.")
-    fields: dict[str, str] = Field(
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative sampling weight when mixing sources.")
+    fields: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=128)]] = Field(
         default_factory=dict,
+        max_length=64,
         description="Canonical field -> record field, e.g. {instruction: question, output: answer}.",
     )
     templates: list[InstructionTemplate] = Field(
         default_factory=list,
+        max_length=64,
         description="FLAN-style templates; one is drawn per example (seeded). Required for `labeled`.",
     )
     on_error: Literal["fail", "skip"] = Field(
@@ -166,9 +199,11 @@ class SourceSpec(_Strict):
 class DataSpec(_Strict):
     """Instruction data, how it is rendered into tokens, and held-out data for evaluation."""
 
-    sources: list[SourceSpec] = Field(min_length=1, description="Training sources, mixed by weight.")
+    sources: list[SourceSpec] = Field(
+        min_length=1, max_length=MAX_SOURCES, description="Training sources, mixed by weight."
+    )
     eval_sources: list[SourceSpec] = Field(
-        default_factory=list, description="Held-out sources for eval loss."
+        default_factory=list, max_length=MAX_SOURCES, description="Held-out sources for eval loss."
     )
     holdout_fraction: float = Field(
         0.0, ge=0, lt=0.5, description="Share of training records held out for eval."
@@ -176,28 +211,33 @@ class DataSpec(_Strict):
     template: TemplateName = Field(
         "alpaca", description="Prompt template; `tokenizer` = the tokenizer's chat template."
     )
-    system_prompt: str | None = Field(None, description="System message added where a conversation has none.")
+    system_prompt: str | None = Field(
+        None, max_length=MAX_TEXT, description="System message added where a conversation has none."
+    )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: responses only).")
     max_seq_len: int = Field(
         2048, ge=16, le=1_048_576, description="Tokens per row; longer examples are truncated."
     )
     packing: bool = Field(True, description="Bin-pack examples into rows with per-example attention.")
     pack_buffer: int = Field(
-        512, ge=1, description="Examples held for best-fit packing; larger packs tighter."
+        512, ge=1, le=65_536, description="Examples held for best-fit packing; larger packs tighter."
     )
 
 
 class LoraMethod(_Strict):
     type: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: int = Field(32, ge=1, le=65_536, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: (
+        Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=256)] | Literal["all-linear"]
+    ) = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or 'all-linear'.",
     )
-    modules_to_save: list[str] = Field(
+    modules_to_save: list[Annotated[str, Field(max_length=256)]] = Field(
         default_factory=list,
+        max_length=64,
         description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] when the "
         "template adds tokens the base model never learned.",
     )
@@ -252,40 +292,61 @@ class DistributedSpec(_Strict):
 class HyperParameters(_Strict):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     epochs: int | None = Field(
-        None, ge=1, description="Passes over the data; default 1 unless max_steps is set."
+        None, ge=1, le=10_000, description="Passes over the data; default 1 unless max_steps is set."
     )
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps; stops before `epochs` if reached."
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps; stops before `epochs` if reached."
     )
     micro_batch_size: int = Field(1, ge=1, le=4096, description="Rows per worker per forward pass.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
-    seed: int = Field(42, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping; 0 disables.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds Python, NumPy and torch (32 bits).")
 
 
 class CheckpointSpec(_Strict):
-    every_n_steps: int = Field(100, ge=1)
-    keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    every_n_steps: int = Field(100, ge=1, le=MAX_STEPS)
+    keep: int = Field(2, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
 
 
 class TrackingSpec(_Strict):
-    experiment: str | None = Field(None, description="MLflow experiment; defaults to the spec name.")
-    registered_model_name: str | None = Field(None, description="Register the adapter under this name.")
-    log_every_n_steps: int = Field(10, ge=1)
+    experiment: str | None = Field(
+        None,
+        description="MLflow experiment, `<team>/<experiment>`; defaults to the spec name. Letters, digits, "
+        "'.', '_', '-' (no paths).",
+    )
+    registered_model_name: str | None = Field(
+        None,
+        description="Register the adapter as `<team>.<name>` (same characters as `experiment`): consumers load "
+        "`models:/<team>.<name>/<version>`, and no other team can publish into it.",
+    )
+    log_every_n_steps: int = Field(10, ge=1, le=MAX_STEPS)
+
+    @field_validator("experiment", "registered_model_name")
+    @classmethod
+    def _mlflow_name(cls, value: str | None) -> str | None:
+        if value is not None and (not _MLFLOW_NAME.match(value) or ".." in value):
+            raise ValueError(
+                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
+            )
+        return value
+
     export_merged: bool = Field(False, description="Also log a merged (base + adapter) model.")
 
 
 class EvalSpec(_Strict):
-    every_n_steps: int | None = Field(None, ge=1, description="Eval loss cadence; default: at the end only.")
-    max_batches: int | None = Field(None, ge=1)
+    every_n_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Eval loss cadence; default: at the end only."
+    )
+    max_batches: int | None = Field(None, ge=1, le=MAX_STEPS)
     zero_shot_sources: list[SourceSpec] = Field(
         default_factory=list,
+        max_length=MAX_SOURCES,
         description="Held-out *tasks* (never trained on) scored by exact-match generation.",
     )
-    max_examples: int = Field(200, ge=1, description="Examples per zero-shot task.")
+    max_examples: int = Field(200, ge=1, le=100_000, description="Examples per zero-shot task.")
     max_new_tokens: int = Field(32, ge=1, le=4096)
 
 
@@ -367,7 +428,10 @@ def parse_spec(data: Any, source: str | None = None) -> TuningSpec:
     """Validate a decoded document; raises SpecError naming every bad field."""
     if not isinstance(data, dict):
         raise SpecError([("", f"a spec is a mapping, got {type(data).__name__}")], source)
-    forbidden = list(_forbidden_keys(data, ""))
+    try:
+        forbidden = list(_forbidden_keys(data, ""))
+    except RecursionError:
+        raise SpecError([("", _TOO_DEEP)], source) from None
     if forbidden:
         raise SpecError(forbidden, source)
     try:
@@ -386,6 +450,10 @@ def load_spec(path: str | Path) -> TuningSpec:
     """Load a YAML or JSON spec file; relative local paths in it resolve against the file's folder."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(
+                [("", f"larger than {MAX_SPEC_BYTES} bytes; a spec names its data, it holds none")]
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([("", "file not found")], str(path)) from None
@@ -394,11 +462,48 @@ def load_spec(path: str | Path) -> TuningSpec:
     return parse_spec_text(text, source=str(path), base_dir=path.resolve().parent)
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML with its aliases bounded: `*name` repeats a node without copying it, so a few lines can stand for
+    billions of nodes (the "billion laughs") that every later walk of the document would visit. A spec may
+    repeat at most MAX_ALIASED_NODES nodes through aliases (its own templates, say, are a few dozen)."""
+
+    MAX_ALIASED_NODES = 10_000
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._aliased = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if event.anchor in self.anchors:
+                self._aliased += self._size(self.anchors[event.anchor])
+                if self._aliased > self.MAX_ALIASED_NODES:
+                    raise yaml.composer.ComposerError(
+                        None,
+                        None,
+                        f"aliases expand to more than {self.MAX_ALIASED_NODES} nodes",
+                        event.start_mark,
+                    )
+        return super().compose_node(parent, index)
+
+    def _size(self, node: Any) -> int:
+        """Nodes under `node`, an alias counted in full; memoised, so a nested alias costs one lookup."""
+        if id(node) not in self._sizes:
+            children = node.value if isinstance(node.value, list) else []
+            flat = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
+            self._sizes[id(node)] = 1 + sum(self._size(child) for child in flat)
+        return self._sizes[id(node)]
+
+
 def parse_spec_text(text: str, source: str = "<spec>", base_dir: Path | None = None) -> TuningSpec:
     try:
-        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+        data = json.loads(text) if text.lstrip().startswith("{") else yaml.load(text, Loader=_SpecLoader)
     except json.JSONDecodeError as exc:
         raise SpecError([("", f"line {exc.lineno}: invalid JSON: {exc.msg}")], source) from None
+    except RecursionError:
+        raise SpecError([("", _TOO_DEEP)], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -66,8 +66,8 @@ class JobRun:
     driver unwinds). Without a tracking URI every hook does nothing, so callers never check.
     """
 
-    def __init__(self, tracking_uri: str | None = None, run_id: str | None = None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, tracking_uri: str | None = None, run_id: str | None = None, team: str | None = None):
+        self.tracking_uri, self.run_id, self.team = tracking_uri, run_id, team
         self._ended = threading.Lock()
 
     @property
@@ -76,16 +76,22 @@ class JobRun:
 
     @classmethod
     def start(
-        cls, spec: TuningSpec, job_id: str, tracking_uri: str | None, artifact_root: str | None = None
+        cls,
+        spec: TuningSpec,
+        job_id: str,
+        tracking_uri: str | None,
+        artifact_root: str | None = None,
+        team: str | None = None,
     ) -> JobRun:
-        """The job's run, created on the first attempt and reused (attempt count raised) on every later one."""
+        """The job's run, created on the first attempt and reused (attempt count raised) on every later one,
+        in the team's experiment (`experiment_name`)."""
         if not tracking_uri:
             return cls()
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunStatus
 
         client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_id = _experiment(client, spec.tracking.experiment or spec.name, artifact_root)
+        experiment_id = _experiment(client, spec, team, artifact_root)
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1
         )
@@ -107,7 +113,7 @@ class JobRun:
                 client.log_batch(run_id, params=params[i : i + 100])
             attempts = 1
         client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
-        return cls(tracking_uri, run_id)
+        return cls(tracking_uri, run_id, team)
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or not metrics:
@@ -137,7 +143,9 @@ class JobRun:
         if self.enabled:
             assert self.tracking_uri and self.run_id
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            model_uri = _publish_model(spec, job_id, self.run_id, model_dir, self.tracking_uri, numbers)
+            model_uri = _publish_model(
+                spec, job_id, self.run_id, model_dir, self.tracking_uri, numbers, self.team
+            )
         self._end("FINISHED")
         return model_uri
 
@@ -157,17 +165,40 @@ class JobRun:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
-def _experiment(client: Any, name: str, artifact_root: str | None) -> str:
+def experiment_name(spec: TuningSpec, team: str | None) -> str:
+    """A job's MLflow experiment, `<team>/<name>` (the spec's `tracking.experiment`, else its name): one MLflow
+    serves every team, and a team's names live under its own prefix, so no team can write into another team's
+    experiment. A run outside the platform (no team) uses the name as it is."""
+    name = spec.tracking.experiment or spec.name
+    return f"{team}/{name}" if team else name
+
+
+def registered_model_name(spec: TuningSpec, team: str | None) -> str | None:
+    """Where a job registers its model: `<team>.<tracking.registered_model_name>`. Consumers load
+    `models:/<team>.<name>/<version>` trusting the team in the name; no other team can publish a version there."""
+    name = spec.tracking.registered_model_name
+    return f"{team}.{name}" if name and team else name
+
+
+def _experiment(client: Any, spec: TuningSpec, team: str | None, artifact_root: str | None) -> str:
+    name = experiment_name(spec, team)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    # An absolute artifact location: otherwise artifacts land in whatever cwd a Ray worker has.
+    # An absolute artifact location: otherwise artifacts land in whatever cwd a Ray worker has. Names are never
+    # paths of their own (spec validation; team names are DNS labels), so it stays under the root.
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     return str(client.create_experiment(name, artifact_location=location))
 
 
 def _publish_model(
-    spec: TuningSpec, job_id: str, run_id: str, model_dir: Path, tracking_uri: str, metrics: dict[str, float]
+    spec: TuningSpec,
+    job_id: str,
+    run_id: str,
+    model_dir: Path,
+    tracking_uri: str,
+    metrics: dict[str, float],
+    team: str | None = None,
 ) -> str | None:
     """Log the tuned model as a pyfunc in the job's run and register it; returns `models:/NAME/VERSION`."""
     import mlflow
@@ -175,7 +206,7 @@ def _publish_model(
     from tuneplane import pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
-    name = spec.tracking.registered_model_name
+    name = registered_model_name(spec, team)
     if name:  # a re-run of a finished job publishes nothing new
         existing = mlflow.MlflowClient().search_model_versions(
             f"name = '{name}' and tags.`{JOB_TAG}` = '{job_id}'"
@@ -191,9 +222,8 @@ def _publish_model(
     }
     is_adapter = (model_dir / "adapter_config.json").exists()
     if is_adapter and spec.model.base_kind == "path":
-        artifacts["base"] = (
-            spec.model.base
-        )  # the embedded default: ship the base so the model is self-contained
+        # the embedded default: ship the base so the model is self-contained
+        artifacts["base"] = spec.model.base
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
         if spec.tracking.export_merged and is_adapter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -13,6 +14,8 @@ DATA = REPO / "jobs" / "data"
 PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 TOKENS = {"tok-alpha": ("alpha", "member"), "tok-beta": ("beta", "member"), "tok-root": ("alpha", "admin")}
+# Local folders test specs read: the repo (jobs/data, build/tiny-llama) and pytest's temporary folders.
+DATA_ROOTS = [str(REPO), tempfile.gettempdir()]
 
 
 def platform_config(home: Path, db: str, **overrides: object):
@@ -38,6 +41,7 @@ def platform_config(home: Path, db: str, **overrides: object):
             ]
         },
         "reconcile_interval_s": 0.2,
+        "data_roots": DATA_ROOTS,
     }
     data.update(overrides)
     return load_config(overrides=data)

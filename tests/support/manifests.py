@@ -1,6 +1,7 @@
 """Checks of rendered Kubernetes manifests, shared by the chart tests (tests/test_chart.py) and the KubeRay
 backend tests (tests/test_kuberay.py): Kubernetes schema validation, a CRD's structural schema, and the Pod
-Security policy every pod of the platform meets. Each returns a list of problems, empty when all is well."""
+Security policy every pod of the platform meets (each returns a list of problems, empty when all is well); and
+what a NetworkPolicy admits (`policy_admits`)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,67 @@ def schema_errors(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     validator = jsonschema.Draft7Validator(schema)
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
     return errors + [f"{where}: not in the schema" for where in unknown_fields(obj, schema)]
+
+
+# ------------------------------------------------------------------------------------------ NetworkPolicy
+
+
+def _labels_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels only; `{}` selects everything) against an object's labels."""
+    if set(selector) - {"matchLabels"}:
+        raise ValueError(f"selector with {sorted(set(selector) - {'matchLabels'})}: not modelled here")
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict[str, Any], policy_namespace: str, who: dict[str, Any]) -> bool:
+    """One NetworkPolicyPeer against `who`: {"ip": ...} or {"namespace", "namespace_labels", "pod_labels"}."""
+    import ipaddress
+
+    if "ipBlock" in peer:
+        if "ip" not in who:
+            return False  # an ipBlock is for addresses outside the cluster's pods
+        ip = ipaddress.ip_address(who["ip"])
+        block = peer["ipBlock"]
+        inside = ip in ipaddress.ip_network(block["cidr"])
+        return inside and not any(ip in ipaddress.ip_network(c) for c in block.get("except", []))
+    if "ip" in who:
+        return False  # selectors only match pods
+    if "namespaceSelector" in peer:
+        if not _labels_match(peer["namespaceSelector"], who["namespace_labels"]):
+            return False
+    elif who["namespace"] != policy_namespace:
+        return False  # a podSelector alone: pods of the policy's own namespace
+    return _labels_match(peer.get("podSelector", {}), who["pod_labels"])
+
+
+def _port_matches(ports: list[dict[str, Any]] | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True
+    return any(
+        p.get("protocol", "TCP") == protocol
+        and ("port" not in p or p["port"] <= port <= p.get("endPort", p["port"]))
+        for p in ports
+    )
+
+
+def policy_admits(
+    policy: dict[str, Any], direction: str, who: dict[str, Any], port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether a NetworkPolicy lets traffic in from (`direction` "ingress") or out to ("egress") `who` on
+    port/protocol, by the Kubernetes semantics: rules are ORed; within a rule the peers are ORed and so are the
+    ports; a missing or empty from/to or ports list matches all. Only what this policy admits: the caller
+    knows that the policy selects the pod in question. `who` is {"ip": "..."} or a pod: {"namespace": ...,
+    "namespace_labels": {...}, "pod_labels": {...}}."""
+    spec = policy["spec"]
+    kind = "Ingress" if direction == "ingress" else "Egress"
+    if kind not in spec.get("policyTypes", ["Ingress"]):
+        return True  # not isolated in this direction
+    key = "from" if direction == "ingress" else "to"
+    namespace = policy["metadata"]["namespace"]
+    for rule in spec.get(direction) or []:
+        peers = rule.get(key) or []
+        if _port_matches(rule.get("ports"), port, protocol) and (
+            not peers or any(_peer_matches(p, namespace, who) for p in peers)
+        ):
+            return True
+    return False

@@ -26,15 +26,17 @@ def create_app(
 ) -> FastAPI:
     db = Database(config.database_url)
     backend = backend or make_backend(config)
-    entries = config.token_entries()
-    if not entries and config.backend == "local":
-        entries = [local_admin_token(config)]  # the embedded default: one admin token in home/token
+    # The tokens file is re-read when it changes (rotation without a restart).
+    tokens = TokenIndex(config.auth.tokens, config.auth.tokens_file)
+    if not tokens.entries and config.backend == "local":
+        # the embedded default: one admin token in home/token
+        tokens = TokenIndex([local_admin_token(config)], config.auth.tokens_file)
     found = Services(
         config=config,
         db=db,
         backend=backend,
         reconciler=Reconciler(db, backend, config),
-        tokens=TokenIndex(entries),
+        tokens=tokens,
         telemetry=Telemetry(),
     )
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tuneplane.errors import BackendError, Conflict, InputError, NotFound, TuneplaneError
+from tuneplane.errors import BackendError, Conflict, InputError, NotFound, QuotaExceeded, TuneplaneError
 
 log = logging.getLogger("tuneplane.api")
 PROBLEM = "application/problem+json"
@@ -26,6 +26,7 @@ _ANSWERS: list[tuple[type[TuneplaneError], int, str]] = [
     (InputError, 422, "invalid spec"),
     (NotFound, 404, "not found"),
     (Conflict, 409, "conflict"),
+    (QuotaExceeded, 429, "too many requests"),
     (BackendError, 503, "backend unavailable"),
 ]
 
@@ -77,10 +78,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]}
-            for e in exc.errors()
-        ]
+        errors = [_request_error(e) for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem_response(422, "invalid request", detail, errors)
 
@@ -95,8 +93,22 @@ def install(app: FastAPI) -> None:
         return problem_response(500, "internal error", "the error was logged; nothing was changed")
 
 
+def _request_error(error: Any) -> dict[str, str]:
+    """A request validation error as {field, message}; a JSON syntax error names its position, not a field."""
+    loc = [str(p) for p in error["loc"] if p != "body"]
+    if error["type"] == "json_invalid":
+        where = f" at character {loc[0]}" if loc else ""
+        return {"field": "", "message": f"invalid JSON{where}: {error['ctx'].get('error', error['msg'])}"}
+    return {"field": ".".join(loc), "message": error["msg"]}
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class BodyLimit:
-    """Refuses request bodies over `max_bytes` with 413, by Content-Length or by counting a chunked body."""
+    """Refuses request bodies over `max_bytes` with 413, by Content-Length or by counting a chunked body (the
+    app never sees more than `max_bytes`, and whatever it answers to the cut body is replaced by the 413)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -109,17 +121,30 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(scope, receive, send)
             return
-        seen = 0
+        seen, exceeded, answered = 0, False, False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise Problem(413, "request too large", f"bodies are limited to {self.max_bytes} bytes")
+                exceeded = True
+                raise _TooLarge()
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if not exceeded:
+                await send(message)
+            elif not answered:  # the app's answer to the cut body (400) becomes the 413
+                answered = True
+                await self._refuse(scope, receive, send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _TooLarge:
+            if not answered:
+                await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"bodies are limited to {self.max_bytes} bytes"

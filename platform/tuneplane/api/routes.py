@@ -3,7 +3,7 @@ read from MLflow by `tuneplane.tracking`; what a route may use comes from `api.d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
@@ -23,12 +23,13 @@ from tuneplane.api.schemas import (
     ValidationReport,
     problem_responses,
 )
-from tuneplane.errors import SpecError
-from tuneplane.spec import json_schema
+from tuneplane.config import PlatformConfig
+from tuneplane.errors import SpecError, TuneplaneError, clip
+from tuneplane.spec import TuningSpec, json_schema
 from tuneplane.states import JobState
 from tuneplane.store import cancel_job, create_job, get_job, list_events, list_jobs
 
-router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413, 422, 503))
+router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 SpecBody = Annotated[
     dict[str, Any],
     Body(description="A tuning spec (see the TuningSpec schema)."),
@@ -49,9 +50,11 @@ def submit_job(
     """Submit a tuning job. A retry with the same `Idempotency-Key` returns the first job (200)."""
     admitted = admit(spec, caller, config)
     team = config.team(caller.team)
-    priority = team.priority if team else 0
+    assert team is not None  # admit() refuses callers of unknown teams
     with db.session() as s:
-        job, created = create_job(s, caller, admitted, priority, idempotency_key)
+        job, created = create_job(
+            s, caller, admitted, team.priority, idempotency_key, max_waiting=team.quota.max_waiting_jobs
+        )
         out = JobOut.model_validate(job)
     if created:
         reconciler.wake.set()
@@ -153,21 +156,40 @@ async def validate(
     try:
         admitted = admit(spec, caller, config)
     except SpecError as exc:
-        return ValidationReport.model_validate(
-            {"ok": False, "spec": spec, "problems": field_errors(exc.problems)}
-        )
-    spec_dict = admitted.to_dict()
-    problems = await run_in_threadpool(reachability_problems, admitted)
+        return _report(False, spec, exc.problems)
+    return await run_in_threadpool(_dry_run, admitted, caller.team, config, max_records)
+
+
+def _dry_run(spec: TuningSpec, team: str, config: PlatformConfig, max_records: int) -> ValidationReport:
+    spec_dict = spec.to_dict()
+    problems = reachability_problems(spec, team, config)
     if problems:
-        return ValidationReport.model_validate(
-            {"ok": False, "spec": spec_dict, "problems": field_errors(problems)}
-        )
+        return _report(False, spec_dict, problems)
     try:
-        report = await run_in_threadpool(preflight_report, admitted, max_records)
+        data = preflight_report(spec, max_records)
+    except ImportError as exc:  # an API image without the training extra
+        return _report(True, spec_dict, notes=[f"data preflight skipped: {exc.name} is not installed here"])
     except Exception as exc:  # the tokenizer or data could not be read: say which
-        problem = {"field": "model", "message": f"{type(exc).__name__}: {exc}"}
-        return ValidationReport.model_validate({"ok": False, "spec": spec_dict, "problems": [problem]})
-    return ValidationReport(ok=bool(report.get("ok")), spec=spec_dict, problems=[], data=report)
+        found = exc.problems if isinstance(exc, TuneplaneError) else [("", f"{type(exc).__name__}: {exc}")]
+        return _report(False, spec_dict, [(field or "model", clip(message)) for field, message in found])
+    if data is None:
+        skipped = (
+            "data preflight skipped: the tokenizer is a hub id and the control plane does not reach the hub"
+        )
+        return _report(True, spec_dict, notes=[skipped])
+    return _report(bool(data.get("ok")), spec_dict, data=data)
+
+
+def _report(
+    ok: bool,
+    spec: dict[str, Any],
+    problems: Sequence[tuple[str, str]] = (),
+    data: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> ValidationReport:
+    return ValidationReport.model_validate(
+        {"ok": ok, "spec": spec, "problems": field_errors(problems), "data": data, "notes": list(notes)}
+    )
 
 
 @router.get("/models", response_model=list[ModelVersionOut])

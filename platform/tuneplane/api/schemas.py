@@ -107,7 +107,8 @@ class ValidationReport(BaseModel):
     ok: bool
     spec: dict[str, Any]
     problems: list[FieldProblem]
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | None = Field(None, description="The data preflight report, when it ran.")
+    notes: list[str] = Field(default_factory=list, description="What was not checked, and why.")
 
 
 class ProblemOut(BaseModel):
@@ -128,6 +129,7 @@ def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "conflict (Idempotency-Key reused for another spec, job already ended)",
         413: "body over the size limit",
         422: "invalid request or spec; `errors` names each field",
+        429: "the team has as many jobs waiting as its quota allows",
         503: "a dependency (database, MLflow) is unavailable",
     }
     schema = {"$ref": "#/components/schemas/ProblemOut"}

@@ -1,4 +1,4 @@
-"""KubeRay backend: one `ray.io/v1` RayJob (plus a ConfigMap holding the spec) per job.
+"""KubeRay backend: one `ray.io/v1` RayJob (plus a ConfigMap holding the spec and a NetworkPolicy) per job.
 
 Rendering is pure (`render_configmap`, `render_rayjob`: job + config -> manifest dict) so manifests can be
 validated and policy-checked without a cluster; `KubeRayBackend` only sends them and reads them back.
@@ -8,6 +8,7 @@ Security choices made here, in one place:
   command line, the spec travels as data in a ConfigMap;
 - credentials only as `secretKeyRef`s named by the platform config, never as literal values;
 - every container runs with the "restricted" Pod Security Standard settings;
+- each job's Ray cluster requires a token (KubeRay makes it) and has its own NetworkPolicy (kuberay_network.py);
 - error messages carry the object and the HTTP status/reason, never a request or response body.
 """
 
@@ -26,6 +27,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.backends.kuberay_network import JOB_ID_LABEL, job_network_policy, network_policy_name
 from tuneplane.config import GpuPool, PlatformConfig
 from tuneplane.errors import BackendError
 
@@ -59,7 +61,7 @@ def labels_for(job: BackendJob, config: PlatformConfig) -> dict[str, str]:
         **config.kuberay.labels,
         "app.kubernetes.io/name": "tuneplane",
         MANAGED_BY: "tuneplane",
-        "tuneplane.io/job-id": job.id,
+        JOB_ID_LABEL: job.id,
         "tuneplane.io/team": job.team,
     }
 
@@ -76,6 +78,11 @@ def render_configmap(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
         },
         "data": {SPEC_KEY: yaml.safe_dump(job.spec.to_dict(), sort_keys=False)},
     }
+
+
+def render_network_policy(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
+    """The job's NetworkPolicy (see kuberay_network.py)."""
+    return job_network_policy(job, config.kuberay.network_policy, labels_for(job, config))
 
 
 def _cpu(value: float) -> str:
@@ -96,6 +103,7 @@ def _env(job: BackendJob, config: PlatformConfig) -> list[dict[str, Any]]:
     kr = config.kuberay
     env: list[dict[str, Any]] = [
         {"name": "TUNEPLANE_JOB_ID", "value": job.id},
+        {"name": "TUNEPLANE_TEAM", "value": job.team},
         {"name": "TUNEPLANE_STORAGE_PATH", "value": kr.storage_path},
         {"name": "MLFLOW_TRACKING_URI", "value": kr.tracking_uri},
     ]
@@ -195,10 +203,17 @@ def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
         "rayClusterSpec": {
             "rayVersion": kr.ray_version,
             "enableInTreeAutoscaling": False,
+            # Ray token auth (Ray >= 2.52). With no secretName KubeRay creates a Secret with a random token per
+            # RayCluster (deleted with it) and adds RAY_AUTH_MODE and RAY_AUTH_TOKEN (a secretKeyRef) to the
+            # head, the workers and the K8sJobMode submitter (KubeRay rayjob_controller.go, in
+            # configureSubmitterContainer: common.SetContainerTokenAuthEnvVars; docs.ray.io, "Configure Ray
+            # clusters to use token authentication"). The token never passes through Tuneplane.
+            "authOptions": {"mode": "token"},
             "headGroupSpec": {
                 # The dashboard must listen on the pod network: the KubeRay operator polls job status
                 # there and the K8sJobMode submitter submits through it (binding 127.0.0.1 breaks both).
-                # It stays inside the cluster: ClusterIP service, no ingress.
+                # It stays inside the cluster (ClusterIP service, no ingress), answers only with the token,
+                # and the job's NetworkPolicy admits only the job's pods, the operator and the API.
                 "serviceType": "ClusterIP",
                 "enableIngress": False,
                 # num-cpus 0: Ray schedules no training task on the head.
@@ -264,12 +279,18 @@ class KubeRayBackend:
         self.api_client = api_client if api_client is not None else _build_api_client(config)
         self._core = k8s.CoreV1Api(self.api_client)
         self._custom = k8s.CustomObjectsApi(self.api_client)
+        self._net = k8s.NetworkingV1Api(self.api_client)
 
     def submit(self, job: BackendJob) -> None:
         configmap, rayjob = render_configmap(job, self.config), render_rayjob(job, self.config)
-        # ConfigMap first so pods never start without their spec; 409 = created by an earlier submit.
+        # ConfigMap and NetworkPolicy first: pods never start without their spec or their fence.
+        # 409 = created by an earlier submit.
         what = f"create ConfigMap {job.namespace}/{configmap['metadata']['name']}"
         self._call(what, self._core.create_namespaced_config_map, job.namespace, configmap, ignore=(409,))
+        if self.config.kuberay.network_policy.enabled:
+            policy = render_network_policy(job, self.config)
+            what = f"create NetworkPolicy {job.namespace}/{network_policy_name(job)}"
+            self._call(what, self._net.create_namespaced_network_policy, job.namespace, policy, ignore=(409,))
         what = f"create RayJob {job.namespace}/{job.id}"
         self._rayjobs(what, "create", job.namespace, rayjob, ignore=(409,))
 
@@ -313,6 +334,10 @@ class KubeRayBackend:
         name = spec_configmap_name(job)
         what = f"delete ConfigMap {job.namespace}/{name}"
         self._call(what, self._core.delete_namespaced_config_map, name, job.namespace, ignore=(404,))
+        if self.config.kuberay.network_policy.enabled:  # the pods still terminating keep requiring the token
+            name = network_policy_name(job)
+            what = f"delete NetworkPolicy {job.namespace}/{name}"
+            self._call(what, self._net.delete_namespaced_network_policy, name, job.namespace, ignore=(404,))
 
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
         """Logs of the K8sJobMode submitter pod: `ray job submit` tails the driver's output there."""

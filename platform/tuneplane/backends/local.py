@@ -50,6 +50,7 @@ class LocalBackend:
         env = {
             **os.environ,
             "TUNEPLANE_JOB_ID": job.id,
+            "TUNEPLANE_TEAM": job.team,
             "TUNEPLANE_STORAGE_PATH": self.config.storage_path,
             "MLFLOW_TRACKING_URI": self.config.tracking_uri,
             "TUNEPLANE_ARTIFACT_ROOT": self.config.artifact_root,

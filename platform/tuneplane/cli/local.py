@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -74,7 +75,7 @@ def validate(
         with console.status("loading tokenizer"):
             tokenizer = load_tokenizer(spec.model)
     except PretrainedError as exc:
-        err_console.print(f"[bold red]model.tokenizer[/]: {exc}", highlight=False)
+        err_console.print(f"[bold red]cannot load the tokenizer[/]: {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except ImportError as exc:  # the API image has no training stack
         err_console.print(

@@ -17,6 +17,7 @@ from tuneplane.data.templates import IGNORE_INDEX
 from tuneplane.errors import DataError
 from tuneplane.spec import DataSpec, SourceSpec, TuningSpec
 
+SAMPLE_TOKENS = 2048  # a sample shows its first tokens: enough to check the masking, bounded in size
 HISTOGRAM_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 1 << 40)
 
 
@@ -146,8 +147,10 @@ def _scan_source(
 
 
 def _spans(ids: np.ndarray, labels: np.ndarray, tokenizer: Any) -> list[SampleSpan]:
+    """A rendered example as masked and trained spans, shown up to SAMPLE_TOKENS tokens."""
     spans: list[SampleSpan] = []
     start = 0
+    ids, labels = ids[:SAMPLE_TOKENS], labels[:SAMPLE_TOKENS]
     trained = labels != IGNORE_INDEX
     for i in range(1, len(ids) + 1):
         if i == len(ids) or trained[i] != trained[start]:

@@ -24,7 +24,7 @@ from tuneplane.data.formats import to_conversation
 from tuneplane.data.packing import Batch, BestFitPacker, Example, FifoRows, collate
 from tuneplane.data.records import RawRecord, expand, file_kind, read_records
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
-from tuneplane.errors import DataError, FormatError
+from tuneplane.errors import MAX_ECHO, DataError, FormatError, clip
 from tuneplane.spec import DataSpec, SourceSpec
 
 STATE_VERSION = 1
@@ -49,7 +49,7 @@ class SourceStats:
     def add_error(self, message: str) -> None:
         self.errors += 1
         if len(self.error_samples) < 20:
-            self.error_samples.append(message)
+            self.error_samples.append(clip(message, 2 * MAX_ECHO))  # uri:line and the reason
 
 
 @dataclass

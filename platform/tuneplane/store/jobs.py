@@ -4,13 +4,14 @@ only SQL the routes and the reconciler run."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, defer, selectinload
 
-from tuneplane.errors import Conflict, NotFound
+from tuneplane.errors import Conflict, NotFound, QuotaExceeded
 from tuneplane.spec import TuningSpec, spec_hash
 from tuneplane.states import ACTIVE, TERMINAL, WAITING, JobState, check
 from tuneplane.store.models import Attempt, Job, JobEvent, utcnow
@@ -57,10 +58,12 @@ def create_job(
     spec: TuningSpec,
     priority: int,
     idempotency_key: str | None = None,
+    max_waiting: int | None = None,
 ) -> tuple[Job, bool]:
     """A new PENDING job, or the job an earlier request with the same Idempotency-Key created (created=False).
 
-    The same key with a different spec is a Conflict: a retry must be the same request.
+    The same key with a different spec is a Conflict: a retry must be the same request. A team that already
+    has `max_waiting` jobs waiting gets QuotaExceeded instead of a new one.
     """
     digest = spec_hash(spec)
     if idempotency_key:
@@ -71,6 +74,10 @@ def create_job(
             if existing.spec_hash != digest:
                 raise Conflict("Idempotency-Key was already used for a different spec")
             return existing, False
+    if max_waiting is not None and count_waiting(session, principal.team) >= max_waiting:
+        raise QuotaExceeded(
+            f"team {principal.team} has {max_waiting} jobs waiting, its limit; cancel some or wait for them to start"
+        )
     dist = spec.distributed
     job = Job(
         id=new_job_id(spec.name),
@@ -200,9 +207,10 @@ def ids_in(session: Session, states: frozenset[JobState] | set[JobState]) -> lis
     return list(session.scalars(select(Job.id).where(Job.state.in_(list(states))).order_by(Job.created_at)))
 
 
-def lock_job(session: Session, job_id: str) -> Job | None:
-    """The job under its row lock, or None when another replica holds it (it will handle it)."""
-    return session.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=True))
+def lock_job(session: Session, job_id: str, wait: bool = False) -> Job | None:
+    """The job under its row lock, or None when another replica holds it (it will handle it). With `wait`,
+    the lock is waited for: the caller holds a result only it can record."""
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update(skip_locked=not wait))
 
 
 def lock_scheduling(session: Session) -> None:
@@ -221,23 +229,45 @@ def usage_by_team(session: Session) -> dict[str, Usage]:
     return {team: Usage(jobs, gpus) for team, jobs, gpus in rows}
 
 
-def queued_jobs(session: Session, limit: int = 200) -> list[Job]:
-    """Queued jobs under their row locks, in scheduling order: team priority, then age."""
-    return list(
-        session.scalars(
+def queued_jobs(session: Session, skip_teams: Collection[str] = (), per_team: int = 50) -> list[Job]:
+    """Queued jobs under their row locks, in scheduling order (team priority, then age): the oldest `per_team`
+    of each team not in `skip_teams`, so that no team's backlog hides another team's jobs."""
+    teams = session.scalars(select(Job.team).where(Job.state == JobState.QUEUED).distinct())
+    jobs: list[Job] = []
+    for team in sorted(set(teams) - set(skip_teams)):
+        jobs += session.scalars(
             select(Job)
-            .where(Job.state == JobState.QUEUED)
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .where(Job.state == JobState.QUEUED, Job.team == team)
+            .order_by(Job.created_at, Job.id)
             .with_for_update(skip_locked=True)
-            .limit(limit)
+            .limit(per_team)
         )
-    )
+    return sorted(jobs, key=lambda j: (-j.priority, _naive(j.created_at), j.id))
 
 
-def deadline_passed(job: Job, max_duration_s: int, now: datetime) -> bool:
-    start = job.submitted_at
+def count_waiting(session: Session, team: str) -> int:
+    """The team's jobs not yet handed to a backend (pending, validating, queued)."""
+    query = select(func.count()).where(Job.team == team, Job.state.in_(list(WAITING)))
+    return int(session.scalar(query) or 0)
+
+
+def _naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=None) if value.tzinfo else value
+
+
+def deadline_passed(job: Job, max_duration_s: float, now: datetime) -> bool:
+    """Submitted longer than `max_duration_s` ago."""
+    return _seconds_since(job.submitted_at, now) > max_duration_s
+
+
+def idle_for(job: Job, seconds: float, now: datetime) -> bool:
+    """The job's record unchanged for longer than `seconds`."""
+    return _seconds_since(job.updated_at, now) > seconds
+
+
+def _seconds_since(start: datetime | None, now: datetime) -> float:
     if start is None:
-        return False
+        return 0.0
     if start.tzinfo is None:  # SQLite hands back naive datetimes
         start = start.replace(tzinfo=now.tzinfo)
-    return (now - start).total_seconds() > max_duration_s
+    return (now - start).total_seconds()

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tuneplane.errors import SpecError, TrainingFailed
+from tuneplane.errors import SpecError, TuneplaneError
 from tuneplane.home import Home
 from tuneplane.spec import load_spec
 from tuneplane.train.launcher import RunSettings, run
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         help="MLflow artifact location for new experiments (default: next to a local tracking database)",
     )
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
+    parser.add_argument(
+        "--team", default=os.environ.get("TUNEPLANE_TEAM"), help="the submitting team (owns the MLflow names)"
+    )
     parser.add_argument("--accelerator-type", default=os.environ.get("TUNEPLANE_ACCELERATOR_TYPE"))
     parser.add_argument("--no-tracking", action="store_true")
     parser.add_argument(
@@ -58,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address,
         accelerator_type=args.accelerator_type,
         example_log_dir=args.example_log_dir,
+        team=args.team,
     )
     try:
         result = run(spec, settings)
-    except TrainingFailed as exc:
+    except TuneplaneError as exc:  # a worker's error, a base model that cannot load, a bad checkpoint...
         print(f"training failed: {exc}", file=sys.stderr)
         return 1
     summary = {"job_id": result.job_id, "model_uri": result.model_uri, "metrics": result.metrics}

@@ -34,6 +34,7 @@ class RunSettings:
     ray_address: str | None = None  # None: start (or join) a local Ray
     accelerator_type: str | None = None  # from the job's GPU pool, e.g. "H100"
     example_log_dir: str | None = None  # each rank logs which records every step trained on (audits, tests)
+    team: str | None = None  # the submitting team: owns the job's experiment and registered model
 
 
 @dataclass
@@ -55,9 +56,14 @@ _GRACE_S = 20
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     from tuneplane.tracking import JobRun
 
-    job_run = JobRun.start(spec, settings.job_id, settings.tracking_uri, settings.artifact_root)
+    job_run = JobRun()  # does nothing until started
     previous = signal.getsignal(signal.SIGTERM)
+    # From the start: a cancel during the data preflight must end the run KILLED too.
+    signal.signal(signal.SIGTERM, _sigterm_handler(lambda: job_run.kill()))
     try:
+        job_run = JobRun.start(
+            spec, settings.job_id, settings.tracking_uri, settings.artifact_root, settings.team
+        )
         if job_run.enabled:
             job_run.log_data_report(_data_report(spec))
         _start_ray(spec.distributed, settings)

@@ -13,27 +13,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from tuneplane.config._strict import Strict
+from tuneplane.config.kuberay import KubeRayBackend
 from tuneplane.errors import ConfigError
 from tuneplane.home import DEFAULT_HOME, Home, default_home
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Quota(_Strict):
+class Quota(Strict):
     max_concurrent_jobs: int = Field(2, ge=0, description="Jobs submitted or running at once.")
     max_gpus: int = Field(8, ge=0, description="GPUs held at once by the team's submitted or running jobs.")
+    max_waiting_jobs: int = Field(
+        100, ge=0, description="Jobs waiting (pending, validating or queued) at once; more are refused (429)."
+    )
 
 
-class Team(_Strict):
+class Team(Strict):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     namespace: str = Field("", description="Kubernetes namespace of the team's RayJobs (default: the name).")
     quota: Quota = Field(default_factory=Quota)
     gpu_pools: list[str] = Field(default_factory=list, description="GPU pools the team may use.")
     priority: int = Field(0, description="Higher runs first when several teams wait.")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Local folders only this team's specs may read (local backend), besides `data_roots`.",
+    )
 
     @model_validator(mode="after")
     def _namespace_defaults_to_name(self) -> Team:
@@ -42,21 +47,21 @@ class Team(_Strict):
         return self
 
 
-class Toleration(_Strict):
+class Toleration(Strict):
     key: str
     operator: Literal["Equal", "Exists"] = "Equal"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
-class GpuPool(_Strict):
+class GpuPool(Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     resource_name: str = Field("nvidia.com/gpu", description="Extended resource a worker requests.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
 
 
-class TokenEntry(_Strict):
+class TokenEntry(Strict):
     """An API token, stored only as the SHA-256 of the token itself."""
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -64,54 +69,56 @@ class TokenEntry(_Strict):
     role: Literal["member", "admin"] = "member"
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     tokens: list[TokenEntry] = Field(default_factory=list)
     tokens_file: Path | None = Field(
-        None, description="YAML list of token entries, e.g. mounted from a Secret; read at start."
+        None,
+        description="YAML list of token entries, e.g. mounted from a Secret; re-read when it changes "
+        "(rotation without a restart).",
     )
 
 
-class LocalBackend(_Strict):
+def read_tokens_file(path: Path) -> list[TokenEntry]:
+    """The token entries of a tokens file (none when it does not exist). A malformed file is a ConfigError
+    whose problems name the entry and field at fault, never a value: the file holds token digests, and a
+    mistaken one may hold a raw token."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {type(exc).__name__}")], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # The error's own text quotes the offending line: give only where it is.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([("", f"not valid YAML{where}")], str(path)) from None
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError([("", f"expected a list of token entries, got {type(raw).__name__}")], str(path))
+    entries, problems = [], []
+    for i, item in enumerate(raw):
+        try:
+            entries.append(TokenEntry.model_validate(item))
+        except ValidationError as exc:
+            # pydantic's `msg` describes the rule (e.g. the pattern), not the input; an unknown key is not
+            # named either (it might be a token pasted in the wrong place).
+            for e in exc.errors(include_input=False):
+                loc = [str(p) if p in TokenEntry.model_fields else "<unknown field>" for p in e["loc"]]
+                problems.append((".".join([str(i), *loc]), e["msg"]))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return entries
+
+
+class LocalBackend(Strict):
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs run at once on this machine.")
 
 
-class Kueue(_Strict):
-    enabled: bool = False
-    queue_name: str = Field("{team}", description="LocalQueue per team; `{team}` is replaced.")
-
-
-class SecretRef(_Strict):
-    name: str
-    key: str
-
-
-class KubeRayBackend(_Strict):
-    image: str = Field("ghcr.io/tuneplane/runtime:0.1.0", description="Training runtime image (pinned tag).")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    ray_version: str = "2.60.0"
-    service_account: str | None = None
-    head_cpu: str = "2"
-    head_memory: str = "8Gi"
-    ttl_seconds_after_finished: int = Field(3600, ge=0)
-    backoff_limit: int = Field(
-        0, ge=0, description="RayJob retries of the whole job (Ray Train retries too)."
-    )
-    storage_path: str = Field("s3://tuneplane/runs", description="Ray Train storage for checkpoints.")
-    storage_env: dict[str, SecretRef] = Field(
-        default_factory=dict,
-        description="Environment of the job's pods taken from Secrets, e.g. AWS_ACCESS_KEY_ID.",
-    )
-    tracking_uri: str = Field("http://tuneplane-mlflow:5000", description="MLflow as seen from the cluster.")
-    artifact_root: str | None = Field(
-        None, description="MLflow artifact location for new experiments (default: the tracking server's)."
-    )
-    kueue: Kueue = Field(default_factory=Kueue)
-    kubeconfig: Path | None = Field(None, description="Outside a cluster; in one, the pod's service account.")
-    api_server: str | None = Field(None, description="Kubernetes API URL override (tests).")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
-
-
-class PlatformConfig(_Strict):
+class PlatformConfig(Strict):
     backend: Literal["local", "kuberay"] = "local"
     home: Path = Field(
         default_factory=default_home,
@@ -134,8 +141,17 @@ class PlatformConfig(_Strict):
         description="URI schemes a spec may name for data and models. Local paths are accepted only by the "
         "local backend; http(s) is never looked up by the control plane.",
     )
+    data_roots: list[Path] | None = Field(
+        None,
+        description="Local folders every team's specs may read, data and models (local backend only; symlinks "
+        "and '..' are resolved first, `home` is never readable). Default: the user's home folder and the "
+        "folder the server started in; set it when several teams share a local backend.",
+    )
     validate_data: bool = Field(
         True, description="Check that a job's data and model exist before queueing it (needs storage access)."
+    )
+    validation_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Time budget of one job's data lookup; past it the job fails."
     )
     reconcile_interval_s: float = Field(2.0, gt=0)
     max_job_duration_s: int = Field(7 * 24 * 3600, gt=0, description="A job running longer is failed.")
@@ -168,11 +184,16 @@ class PlatformConfig(_Strict):
     def team(self, name: str) -> Team | None:
         return next((t for t in self.teams if t.name == name), None)
 
+    def readable_roots(self, team: Team) -> list[Path]:
+        """The local folders a team's specs may read, resolved (symlinks, '~', '..')."""
+        shared = self.data_roots if self.data_roots is not None else [Path.home(), Path.cwd()]
+        return [Path(os.path.realpath(root.expanduser())) for root in [*shared, *team.data_roots]]
+
     def token_entries(self) -> list[TokenEntry]:
+        """`auth.tokens` plus the tokens file as it is now (ConfigError when that file is malformed)."""
         entries = list(self.auth.tokens)
-        if self.auth.tokens_file and self.auth.tokens_file.exists():
-            raw = yaml.safe_load(self.auth.tokens_file.read_text()) or []
-            entries += [TokenEntry.model_validate(e) for e in raw]
+        if self.auth.tokens_file:
+            entries += read_tokens_file(self.auth.tokens_file)
         return entries
 
 

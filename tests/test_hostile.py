@@ -1,0 +1,428 @@
+"""Attacks of a hostile tenant on the local backend (issue #10), each refused with a problem naming the field,
+quickly, never a 5xx: other teams' files and the host, path tricks, spec bombs, starving other teams, errors
+that echo megabytes. The list of attacks tried, including those that already held, is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support.backends import RecordingBackend
+from tests.support.config import REPO, bearer, platform_config
+from tuneplane.admission import not_readable
+from tuneplane.api import create_app
+from tuneplane.reconciler import Reconciler
+from tuneplane.spec import TuningSpec, load_spec
+from tuneplane.store import Database, Job, Principal, create_job
+
+ALPHA, BETA = bearer("tok-alpha"), bearer("tok-beta")
+RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
+# A hostile spec is refused at once (5-20 ms measured here); the bound leaves room for a loaded CI machine,
+# while a bomb that got through would take minutes or never answer.
+FAST_S = 5.0
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> dict[str, Path]:
+    """Two teams' data folders, and in alpha's a symlinked file and a symlinked folder into beta's."""
+    alpha, beta = tmp_path / "data" / "alpha", tmp_path / "data" / "beta"
+    for folder, text in ((alpha, "alpha"), (beta, "beta secret")):
+        folder.mkdir(parents=True)
+        lines = [json.dumps({**RECORD, "output": f"{text} {i}"}) for i in range(8)]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (alpha / "link.jsonl").symlink_to(beta / "train.jsonl")
+    (alpha / "beta-folder").symlink_to(beta)
+    return {"alpha": alpha, "beta": beta, "home": tmp_path / "home"}
+
+
+def confined_config(tenants: dict[str, Path], **overrides: object):
+    """Shared root: the repo (the tiny model); each team its own data folder."""
+    teams = [
+        {"name": "alpha", "quota": {"max_concurrent_jobs": 1}, "data_roots": [str(tenants["alpha"])]},
+        {"name": "beta", "quota": {"max_concurrent_jobs": 2}, "data_roots": [str(tenants["beta"])]},
+    ]
+    home = tenants["home"]
+    db = f"sqlite:///{home / 'tuneplane.db'}"
+    settings: dict[str, object] = {"teams": teams, "data_roots": [str(REPO)], "gpu_pools": {}} | overrides
+    return platform_config(home, db, **settings)
+
+
+@pytest.fixture
+def api(tenants: dict[str, Path]):
+    with TestClient(create_app(confined_config(tenants), run_reconciler=False)) as client:
+        yield client
+
+
+def spec_reading(uri: str, **sections: dict) -> dict:
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
+    spec["data"].update(sources=[{"uri": uri, "format": "alpaca"}], eval_sources=[], holdout_fraction=0.0)
+    spec["eval"]["zero_shot_sources"] = []
+    for name, values in sections.items():
+        spec[name].update(values)
+    return spec
+
+
+def refused(api: TestClient, body: object, field: str, raw: bool = False) -> dict:
+    """POST /v1/jobs must answer 422 naming `field`, fast; returns that problem."""
+    started = time.perf_counter()
+    if raw:
+        r = api.post("/v1/jobs", content=body, headers={**ALPHA, "content-type": "application/json"})
+    else:
+        r = api.post("/v1/jobs", json=body, headers=ALPHA)
+    assert time.perf_counter() - started < FAST_S
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = next((e for e in r.json()["errors"] if e["field"] == field), None)
+    assert problem is not None, r.json()
+    return problem
+
+
+# -- 1. host files and other teams' data --------------------------------------------------------------------
+
+
+def test_a_team_reads_only_inside_its_data_roots(api: TestClient, tenants: dict[str, Path]) -> None:
+    alpha, beta, home = tenants["alpha"], tenants["beta"], tenants["home"]
+    outside = [
+        str(beta / "train.jsonl"),  # another team's file
+        str(beta / "missing.jsonl"),  # ... and one that does not exist: the same answer
+        str(alpha / ".." / "beta" / "train.jsonl"),  # '..' resolved first
+        str(alpha / "beta-folder" / "train.jsonl"),  # a symlinked folder resolved first
+        "/**/*.jsonl",  # the host, enumerated
+        "/etc/passwd.jsonl",
+        str(home / "token"),  # the platform's own state folder, never readable
+        str(home / "jobs" / "*" / "*.jsonl"),
+    ]
+    for uri in outside:
+        for route in ("/v1/jobs", "/v1/validate"):
+            r = api.post(route, json=spec_reading(uri), headers=ALPHA)
+            answer = r.json()
+            problems = answer.get("errors") or answer.get("problems")
+            assert r.status_code in (200, 422) and answer.get("ok") is not True, (uri, answer)
+            assert {"field": "data.sources[0].uri", "message": not_readable(uri)} in problems, (uri, answer)
+    own = api.post("/v1/validate", json=spec_reading(str(alpha / "train.jsonl")), headers=ALPHA).json()
+    assert own["ok"] is True, own
+    assert (
+        api.post("/v1/jobs", json=spec_reading(str(alpha / "train.jsonl")), headers=ALPHA).status_code == 201
+    )
+
+
+def test_a_glob_reaching_out_through_a_symlinked_file_is_refused(
+    api: TestClient, tenants: dict[str, Path]
+) -> None:
+    uri = str(tenants["alpha"] / "*.jsonl")  # matches alpha's own file and link.jsonl -> beta's secret
+    answer = api.post("/v1/validate", json=spec_reading(uri), headers=ALPHA).json()
+    assert answer["ok"] is False
+    assert answer["problems"] == [{"field": "data.sources[0].uri", "message": not_readable(uri)}]
+    assert "beta secret" not in json.dumps(answer)
+
+
+def test_the_reconciler_refuses_what_admission_let_through(tenants: dict[str, Path]) -> None:
+    """Admission checks the glob's folder; the reconciler checks every file the glob reaches when the job
+    is validated (and again applies the policy: a config may have changed since the submit)."""
+    config = confined_config(tenants)
+    db = Database(config.database_url)
+    db.migrate()
+    rec = Reconciler(db, RecordingBackend(), config)
+    with db.session() as s:
+        spec = TuningSpec.model_validate(spec_reading(str(tenants["alpha"] / "*.jsonl")))
+        job_id = create_job(s, Principal("alpha"), spec, 0)[0].id
+    rec.run_once()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "FAILED" and "outside this team's data roots" in job.message
+    db.dispose()
+
+
+def test_model_folders_are_confined_too(api: TestClient, tenants: dict[str, Path]) -> None:
+    spec = spec_reading(str(tenants["alpha"] / "train.jsonl"), model={"base": str(tenants["beta"])})
+    refused(api, spec, "model.base")
+
+
+# -- 2. names that belong to another team ---------------------------------------------------------------------
+
+
+def test_a_team_publishes_only_under_its_own_names(tmp_path: Path) -> None:
+    """Team A naming team B's model publishes into A's own namespace, never into B's."""
+    from mlflow import MlflowClient
+
+    from tuneplane.tracking import JobRun, experiment_name, registered_model_name
+
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    assert registered_model_name(spec, "alpha") == "alpha.tiny-cpu-adapter"
+    assert registered_model_name(spec, "beta") == "beta.tiny-cpu-adapter"
+    assert experiment_name(spec, "alpha") == "alpha/tiny-cpu" != experiment_name(spec, "beta")
+    assert registered_model_name(spec, None) == "tiny-cpu-adapter"  # outside the platform: as written
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = [
+        JobRun.start(spec, f"job-{t}", tracking, str(tmp_path / "art"), team=t) for t in ("alpha", "beta")
+    ]
+    client = MlflowClient(tracking_uri=tracking)
+    names = {client.get_experiment(client.get_run(r.run_id or "").info.experiment_id).name for r in runs}
+    assert names == {"alpha/tiny-cpu", "beta/tiny-cpu"}
+    ours = [e for e in client.search_experiments() if e.name in names]
+    assert all(
+        Path(e.artifact_location.removeprefix("file://")).is_relative_to(tmp_path / "art") for e in ours
+    )
+    for run in runs:
+        run.fail()
+
+
+# -- 3. names that are paths ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../../escape", "a/b", "..", "x..y", "/abs", "-lead", "a" * 129, "bad name"]
+)
+@pytest.mark.parametrize("field", ["experiment", "registered_model_name"])
+def test_tracking_names_are_never_paths(
+    api: TestClient, tenants: dict[str, Path], name: str, field: str
+) -> None:
+    spec = spec_reading(str(tenants["alpha"] / "train.jsonl"), tracking={field: name})
+    refused(api, spec, f"tracking.{field}")
+
+
+# -- 4. memory and CPU bombs ----------------------------------------------------------------------------------
+
+
+def _alpha_spec(tenants: dict[str, Path]) -> dict:
+    return spec_reading(str(tenants["alpha"] / "train.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (
+            lambda s: s["data"]["sources"].append(_labeled("{number:>999999999}")),
+            "data.sources[1].templates[0].prompt",
+        ),
+        (
+            lambda s: s["data"]["sources"].append(_labeled("{number!r}")),
+            "data.sources[1].templates[0].prompt",
+        ),
+        (lambda s: s["hyperparameters"].update(seed=10**30), "hyperparameters.seed"),
+        (lambda s: s["hyperparameters"].update(max_steps=10**12), "hyperparameters.max_steps"),
+        (lambda s: s["data"].update(pack_buffer=10**9), "data.pack_buffer"),
+        (lambda s: s["data"].update(sources=s["data"]["sources"] * 65), "data.sources"),
+        (lambda s: s["data"].update(system_prompt="x" * 40_000), "data.system_prompt"),
+    ],
+)
+def test_spec_bombs_are_refused_at_submit(
+    api: TestClient, tenants: dict[str, Path], edit, field: str
+) -> None:
+    spec = _alpha_spec(tenants)
+    edit(spec)
+    refused(api, spec, field)
+
+
+def _labeled(template: str) -> dict:
+    return {"uri": "s3://b/x.jsonl", "format": "labeled", "templates": [{"prompt": template}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "literal", "field"),
+    [
+        (("data", "sources", 0, "weight"), "Infinity", "data.sources[0].weight"),
+        (("hyperparameters", "max_grad_norm"), "NaN", "hyperparameters.max_grad_norm"),
+        (("hyperparameters", "weight_decay"), "-Infinity", "hyperparameters.weight_decay"),
+    ],
+)
+def test_floats_are_finite(
+    api: TestClient, tenants: dict[str, Path], path: tuple, literal: str, field: str
+) -> None:
+    spec = _alpha_spec(tenants)
+    node = spec
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "__BOMB__"
+    refused(api, json.dumps(spec).replace('"__BOMB__"', literal), field, raw=True)
+
+
+def test_deeply_nested_bodies_are_refused(api: TestClient) -> None:
+    body = '{"a": ' * 50_000 + "1" + "}" * 50_000
+    r = api.post("/v1/jobs", content=body, headers={**ALPHA, "content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tuneplane.cli import app
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 12)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    out = CliRunner().invoke(app, ["validate", "--spec-only", str(tmp_path / "bomb.yaml")])
+    assert time.perf_counter() - started < FAST_S
+    assert out.exit_code == 2 and "aliases expand to more than" in out.output
+    # Aliases within the bound still work: the shipped tiny job shares its templates that way.
+    assert (
+        CliRunner().invoke(app, ["validate", "--spec-only", str(REPO / "jobs" / "tiny-cpu.yaml")]).exit_code
+        == 0
+    )
+
+
+# -- 5. one tenant slowing everyone -------------------------------------------------------------------------
+
+
+def test_a_team_at_quota_with_a_long_queue_blocks_no_one(tenants: dict[str, Path]) -> None:
+    teams = [
+        {"name": "alpha", "quota": {"max_concurrent_jobs": 0, "max_waiting_jobs": 1000}},
+        {"name": "beta", "quota": {"max_concurrent_jobs": 1}},
+    ]
+    config = confined_config(tenants, teams=teams)
+    db = Database(config.database_url)
+    db.migrate()
+    backend = RecordingBackend()
+    rec = Reconciler(db, backend, config)
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    with db.session() as s:
+        for _ in range(201):  # older than beta's job, same priority
+            create_job(s, Principal("alpha"), spec, 0)
+    with db.session() as s:
+        beta_job = create_job(s, Principal("beta"), spec, 0)[0].id
+    with db.session() as s:  # as if validated: only scheduling is under test
+        for job in s.query(Job):
+            job.state = "QUEUED"
+    rec.schedule()
+    assert list(backend.submits) == [beta_job]
+    db.dispose()
+
+
+def test_a_slow_lookup_holds_up_no_other_team(
+    tenants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuneplane.reconciler as reconciler_module
+
+    release = threading.Event()
+    real = reconciler_module.reachability_problems
+
+    def slow_for_alpha(spec, team, config):
+        if team == "alpha":
+            release.wait(30)  # a glob over a huge tree, a storage endpoint that hangs
+        return real(spec, team, config)
+
+    monkeypatch.setattr(reconciler_module, "reachability_problems", slow_for_alpha)
+    config = confined_config(tenants, validation_timeout_s=3)
+    db = Database(config.database_url)
+    db.migrate()
+    backend = RecordingBackend()
+    rec = Reconciler(db, backend, config)
+    with db.session() as s:
+        slow = create_job(s, Principal("alpha"), load_spec(REPO / "jobs" / "tiny-cpu.yaml"), 0)[0].id
+        quick = create_job(s, Principal("beta"), load_spec(REPO / "jobs" / "tiny-cpu.yaml"), 0)[0].id
+    started = time.perf_counter()
+    rec.run_once()
+    assert time.perf_counter() - started < 10  # the pass did not wait for alpha's 30 s lookup
+    assert backend.submits[quick] == 1
+    time.sleep(3.2)
+    rec.run_once()  # alpha's lookup is past its budget: the job fails, saying why
+    with db.session() as s:
+        job = s.get(Job, slow)
+        assert job.state == "FAILED" and "longer than 3 s" in job.message
+    release.set()
+    rec.validations.close()
+    db.dispose()
+
+
+def test_a_team_may_have_only_so_many_jobs_waiting(tenants: dict[str, Path]) -> None:
+    teams = [{"name": "alpha", "quota": {"max_waiting_jobs": 2}, "data_roots": [str(tenants["alpha"])]}]
+    with TestClient(create_app(confined_config(tenants, teams=teams), run_reconciler=False)) as api:
+        spec = _alpha_spec(tenants)
+        codes = [api.post("/v1/jobs", json=spec, headers=ALPHA).status_code for _ in range(3)]
+        assert codes == [201, 201, 429]
+        # a retry of an accepted request is still answered with its job, not refused
+        key = {**ALPHA, "Idempotency-Key": "k"}
+        assert api.post("/v1/jobs", json=spec, headers=key).status_code == 429
+        cancelled = api.get("/v1/jobs", headers=ALPHA).json()["items"][0]["id"]
+        api.post(f"/v1/jobs/{cancelled}/cancel", headers=ALPHA)
+        assert api.post("/v1/jobs", json=spec, headers=key).status_code == 201
+        assert api.post("/v1/jobs", json=spec, headers=key).status_code == 200
+
+
+def test_errors_never_echo_megabytes(api: TestClient, tenants: dict[str, Path]) -> None:
+    huge = "x" * 10_000_000
+    record = {"messages": [{"role": huge, "content": "hi"}, {"role": "assistant", "content": huge}]}
+    (tenants["alpha"] / "huge.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(RECORD) + "\n")
+    spec = spec_reading(str(tenants["alpha"] / "huge.jsonl"))
+    spec["data"]["sources"][0].update(format="messages", on_error="skip", max_error_fraction=1.0)
+    r = api.post("/v1/validate", json=spec, headers=ALPHA)
+    assert r.status_code == 200 and len(r.content) < 100_000, len(r.content)
+    source = r.json()["data"]["sources"][0]
+    assert source["bad_records"] == 2 and all(len(s) < 1000 for s in source["bad_record_samples"])
+
+
+# -- 7. smaller ---------------------------------------------------------------------------------------------
+
+
+def test_an_over_limit_chunked_body_is_413(tenants: dict[str, Path]) -> None:
+    with TestClient(
+        create_app(confined_config(tenants, max_request_bytes=1000), run_reconciler=False)
+    ) as api:
+        chunks = (b'{"name": "' + b"x" * 400 + b'",' for _ in range(5))
+        r = api.post("/v1/jobs", content=chunks, headers={**ALPHA, "content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["title"] == "request too large"
+        assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []
+
+
+def test_a_json_syntax_error_names_its_position_not_a_field(api: TestClient) -> None:
+    r = api.post("/v1/jobs", content='{"name": ', headers={**ALPHA, "content-type": "application/json"})
+    assert r.status_code == 422
+    [error] = r.json()["errors"]
+    assert error["field"] == "" and error["message"].startswith("invalid JSON at character")
+
+
+def test_validate_never_reaches_the_hub(api: TestClient, tenants: dict[str, Path], monkeypatch) -> None:
+    import tuneplane.pretrained
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the control plane tried to load a model")
+
+    monkeypatch.setattr(tuneplane.pretrained, "from_pretrained", no_network)
+    spec = spec_reading(str(tenants["alpha"] / "train.jsonl"), model={"base": "meta-llama/Llama-3.1-8B"})
+    answer = api.post("/v1/validate", json=spec, headers=ALPHA).json()
+    assert answer["ok"] is True and answer["data"] is None
+    assert "hub" in answer["notes"][0]
+
+
+def test_first_validations_racing_each_other_both_answer(api: TestClient, tenants: dict[str, Path]) -> None:
+    spec = _alpha_spec(tenants)
+    answers: list[dict] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(api.post("/v1/validate", json=spec, headers=ALPHA).json())
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a["ok"] for a in answers] == [True, True, True], answers
+
+
+def test_the_embedded_default_reads_the_users_folders(
+    tenants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no data roots configured: the user's home folder and the folder the server started in."""
+    from tuneplane.admission import policy_problems
+    from tuneplane.config import load_config
+
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    monkeypatch.setenv("HOME", str(tenants["home"]))
+    monkeypatch.chdir(REPO)  # `make demo` from the repo
+    config = load_config(overrides={"home": str(tenants["home"] / ".cache" / "tuneplane")})
+    assert config.data_roots is None and policy_problems(spec, "default", config) == []
+    monkeypatch.chdir(tenants["alpha"])  # started elsewhere: the repo is not the user's
+    assert {field for field, _ in policy_problems(spec, "default", config)} >= {
+        "data.sources[0].uri",
+        "model.base",
+    }
+    monkeypatch.setenv("HOME", str(REPO))  # ... unless it is under their home folder
+    assert policy_problems(spec, "default", config) == []
