@@ -426,3 +426,23 @@ def test_the_embedded_default_reads_the_users_folders(
     }
     monkeypatch.setenv("HOME", str(REPO))  # ... unless it is under their home folder
     assert policy_problems(spec, "default", config) == []
+
+
+def test_a_glob_may_match_only_so_many_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuneplane.data.records as records
+    from tuneplane.errors import DataError
+
+    monkeypatch.setattr(records, "MAX_FILES", 3)
+    for i in range(5):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps(RECORD) + "\n")
+    with pytest.raises(DataError, match="matches 5 files, more than the 3 one source may have"):
+        records.expand(str(tmp_path / "*.jsonl"))
+
+
+def test_a_dry_runs_preflight_stops_at_its_time_budget(tokenizer) -> None:
+    from tuneplane.data import preflight
+
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
+    report = preflight(spec, tokenizer, time_budget_s=0.0)
+    assert report.ok and all(s.time_limited and s.stats.records == 0 for s in report.sources)
+    assert preflight(spec, tokenizer, max_records=20, time_budget_s=60).sources[0].stats.records == 20

@@ -136,6 +136,7 @@ def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConf
     return problems
 
 
+PREFLIGHT_BUDGET_S = 30.0  # a dry run answers within this, whatever the spec asks it to read
 _LOADING = threading.Lock()  # transformers' lazy imports are not safe when two first calls race
 
 
@@ -149,4 +150,6 @@ def preflight_report(spec: TuningSpec, max_records: int) -> dict[str, Any] | Non
         return None
     with _LOADING:
         tokenizer = load_tokenizer(spec.model)
-    return preflight(spec, tokenizer, max_records=max_records, samples=1).to_dict()
+    return preflight(
+        spec, tokenizer, max_records=max_records, samples=1, time_budget_s=PREFLIGHT_BUDGET_S
+    ).to_dict()

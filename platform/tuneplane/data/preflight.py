@@ -6,6 +6,7 @@ of tokens trained on, and a few rendered samples with masked and trained spans t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,11 @@ class SourceReport:
     lengths: list[int] = field(default_factory=list)
     samples: list[list[SampleSpan]] = field(default_factory=list)
     fatal: str | None = None  # the error that stopped the scan (on_error: fail, or too many bad records)
+    time_limited: bool = False  # the preflight's time budget ran out before this source was read through
 
     @property
     def ok(self) -> bool:
-        return self.fatal is None and self.stats.examples > 0
+        return self.fatal is None and (self.stats.examples > 0 or self.time_limited)
 
     def histogram(self) -> list[tuple[str, int]]:
         if not self.lengths:
@@ -96,6 +98,7 @@ class PreflightReport:
                     "trained_tokens": s.stats.trained_tokens,
                     "length_histogram": dict(s.histogram()),
                     "fatal": s.fatal,
+                    "time_limited": s.time_limited,
                 }
                 for s in self.sources
             ],
@@ -103,19 +106,31 @@ class PreflightReport:
 
 
 def preflight(
-    spec: TuningSpec, tokenizer: Any, max_records: int | None = None, samples: int = 2
+    spec: TuningSpec,
+    tokenizer: Any,
+    max_records: int | None = None,
+    samples: int = 2,
+    time_budget_s: float | None = None,
 ) -> PreflightReport:
-    """Scan each training and eval source (up to `max_records` records each) through the real pipeline."""
+    """Scan each training and eval source (up to `max_records` records each) through the real pipeline; with a
+    time budget, sources not read through in time are reported as such (`time_limited`), not as errors."""
+    deadline = time.monotonic() + time_budget_s if time_budget_s is not None else float("inf")
     all_sources = list(spec.data.sources) + list(spec.data.eval_sources) + list(spec.eval.zero_shot_sources)
     reports = [
-        _scan_source(spec.data, source, tokenizer, spec.hyperparameters.seed, max_records, samples)
+        _scan_source(spec.data, source, tokenizer, spec.hyperparameters.seed, max_records, samples, deadline)
         for source in all_sources
     ]
     return PreflightReport(reports, spec.data.max_seq_len)
 
 
 def _scan_source(
-    data: DataSpec, source: SourceSpec, tokenizer: Any, seed: int, max_records: int | None, samples: int
+    data: DataSpec,
+    source: SourceSpec,
+    tokenizer: Any,
+    seed: int,
+    max_records: int | None,
+    samples: int,
+    deadline: float,
 ) -> SourceReport:
     # One source alone through the stream machinery (same reader, renderer, tokenizer, limits as training).
     single = data.model_copy(update={"sources": [source], "eval_sources": [], "holdout_fraction": 0.0})
@@ -129,6 +144,9 @@ def _scan_source(
     report = SourceReport(source.display_name, source.uri, len(reader.files), stream.stats[0])
     try:
         while not reader.cursor.done_in_epoch and (max_records is None or report.stats.records < max_records):
+            if time.monotonic() > deadline:
+                report.time_limited = True
+                break
             chunk: list[tuple[int, RawRecord]] = []
             while len(chunk) < 256 and (
                 max_records is None or report.stats.records + len(chunk) < max_records

@@ -23,6 +23,7 @@ from tuneplane.errors import DataError
 READ_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 PARQUET_BATCH_ROWS = 1024
+MAX_FILES = 10_000  # files one source may name: each is listed, sharded and checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,8 @@ def expand(uri: str) -> list[str]:
         raise DataError(uri, f"cannot list: {exc}") from None
     if not paths:
         raise DataError(uri, "no files match")
+    if len(paths) > MAX_FILES:
+        raise DataError(uri, f"matches {len(paths)} files, more than the {MAX_FILES} one source may have")
     files = [p for p in paths if not fs.isdir(p)]
     return [fs.unstrip_protocol(p) if "://" in uri else p for p in files]
 
