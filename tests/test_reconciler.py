@@ -243,3 +243,53 @@ def test_replicas_starting_together_migrate_one_after_the_other(postgres_url) ->
     assert all(db.at_head() for db in replicas)
     for db in replicas:
         db.dispose()
+
+
+def test_a_job_counts_against_quota_from_the_moment_it_is_picked(plane, spec) -> None:
+    """A replica that dies after marking a job SUBMITTED but before the backend accepted it: the job still holds
+    its team's quota (no other job slips in), and the next pass hands it over, once."""
+    from tuneplane.store import record_submission
+    from tuneplane.store.jobs import handed_over
+
+    rec, db, backend = plane  # alpha may run 1 job at once
+    first, second = submit(db, ALPHA, spec), submit(db, ALPHA, spec)
+    rec.validate_new()
+    with db.session() as s:  # what the dead replica got done: the decision, not the hand-over
+        record_submission(s, s.get(Job, first), "reconciler@dead", "recording")
+    assert not backend.submits
+    rec.run_once()
+    assert states(db) == {first: "SUBMITTED", second: "QUEUED"}  # quota held by the picked job
+    assert backend.submits == Counter({first: 1})
+    with db.session() as s:
+        job = s.get(Job, first)
+        assert handed_over(job) and job.message == "submitted to recording" and len(job.attempts) == 1
+
+
+def test_a_backend_refusal_is_retried_and_a_cancel_before_hand_over_is_final(plane, spec) -> None:
+    from tuneplane.errors import BackendError
+
+    rec, db, backend = plane
+    refusals = iter([BackendError("cannot reach the Kubernetes API")])
+    real_submit = backend.submit
+
+    def flaky_submit(job):
+        if (error := next(refusals, None)) is not None:
+            raise error
+        real_submit(job)
+
+    backend.submit = flaky_submit
+    job = submit(db, ALPHA, spec)
+    rec.run_once()
+    with db.session() as s:
+        assert s.get(Job, job).state == "SUBMITTED"
+        assert s.get(Job, job).message.startswith("submit failed, will retry: cannot reach")
+    rec.run_once()
+    assert backend.submits[job] == 1 and states(db)[job] == "SUBMITTED"
+
+    refusals = iter([BackendError("down")])
+    other = submit(db, BETA, spec)
+    rec.run_once()  # beta's job is picked, the backend refuses it
+    with db.session() as s:
+        cancel_job(s, BETA, other)
+    rec.run_once()
+    assert states(db)[other] == "CANCELLED" and backend.submits[other] == 0

@@ -32,11 +32,13 @@ from tuneplane.states import ACTIVE, JobState
 from tuneplane.store import Database, Job, Usage, end_job, record_submission, transition
 from tuneplane.store.jobs import (
     deadline_passed,
+    handed_over,
     idle_for,
     ids_in,
     lock_job,
     lock_scheduling,
     queued_jobs,
+    record_hand_over,
     set_message,
     usage_by_team,
 )
@@ -151,6 +153,10 @@ class Reconciler:
     # -- QUEUED -> SUBMITTED ----------------------------------------------------------------------------
 
     def schedule(self) -> None:
+        """Pick the queued jobs that fit (team priority, then age, within quotas) and mark them SUBMITTED in
+        one transaction under the scheduling lock; only then ask the backend to run each. A replica that dies
+        in between leaves SUBMITTED jobs that still count against quota, and the next pass hands them over."""
+        picked: list[str] = []
         with self.db.session() as s:
             lock_scheduling(s)
             usage = usage_by_team(s)
@@ -170,13 +176,23 @@ class Reconciler:
                 held = usage.setdefault(job.team, Usage())
                 if not fits_quota(team.quota, held.jobs, held.gpus, job.gpus):
                     continue
-                try:
-                    self.backend.submit(self.backend_job(job))
-                except BackendError as exc:
-                    set_message(job, f"submit failed, will retry: {exc}")
-                    continue
                 record_submission(s, job, self.actor, self.backend.name)
+                picked.append(job.id)
                 held.jobs, held.gpus, running = held.jobs + 1, held.gpus + job.gpus, running + 1
+        for job_id in picked:
+            with self.db.session() as s:
+                found = lock_job(s, job_id)
+                if found is not None and found.state == JobState.SUBMITTED and not handed_over(found):
+                    self._hand_over(found)
+
+    def _hand_over(self, job: Job) -> None:
+        """Ask the backend to run a SUBMITTED job (idempotent by job id); retried each pass until it accepts."""
+        try:
+            self.backend.submit(self.backend_job(job))
+        except BackendError as exc:
+            set_message(job, f"submit failed, will retry: {exc}")
+            return
+        record_hand_over(job)
 
     # -- SUBMITTED/RUNNING -> RUNNING | SUCCEEDED | FAILED | CANCELLED -----------------------------------
 
@@ -193,6 +209,14 @@ class Reconciler:
                     set_message(job, f"backend unreachable, will retry: {exc}")
 
     def _follow(self, s: Session, job: Job, now: datetime) -> None:
+        if not handed_over(job):  # its replica died between recording and submitting, or the backend refused
+            if job.cancel_requested:
+                end_job(
+                    s, job, JobState.CANCELLED, self.actor, "cancelled before it was handed to the backend"
+                )
+            else:
+                self._hand_over(job)
+            return
         bjob = self.backend_job(job)
         limit = self.config.max_job_duration_s
         overdue = deadline_passed(job, limit, now)

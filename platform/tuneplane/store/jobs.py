@@ -180,9 +180,21 @@ def transition(session: Session, job: Job, new: JobState, actor: str, message: s
 
 
 def record_submission(session: Session, job: Job, actor: str, backend: str) -> None:
-    """QUEUED -> SUBMITTED, with a new attempt on `backend`."""
-    transition(session, job, JobState.SUBMITTED, actor, f"submitted to {backend}")
-    session.add(Attempt(job=job, number=len(job.attempts) + 1, backend=backend))
+    """QUEUED -> SUBMITTED, with a new attempt on `backend` not yet handed over. Committed before the backend
+    is asked, so the job counts against its team's quota from then on, whatever happens to this replica."""
+    transition(session, job, JobState.SUBMITTED, actor, f"submitting to {backend}")
+    job.attempts.append(Attempt(number=len(job.attempts) + 1, backend=backend))
+
+
+def handed_over(job: Job) -> bool:
+    """Whether the backend has accepted the job's current attempt."""
+    return bool(job.attempts) and job.attempts[-1].handed_over_at is not None
+
+
+def record_hand_over(job: Job) -> None:
+    attempt = job.attempts[-1]
+    attempt.handed_over_at = utcnow()
+    set_message(job, f"submitted to {attempt.backend}")
 
 
 def end_job(

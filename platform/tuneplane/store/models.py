@@ -77,6 +77,8 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     backend: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the backend accepted it; None while the job counts against quota but is not handed over yet.
+    handed_over_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text, default="")
