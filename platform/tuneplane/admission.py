@@ -12,6 +12,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
+from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, SpecError
 from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec
@@ -43,6 +44,8 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
         )
     elif dist.gpu_pool and dist.gpu_pool not in team.gpu_pools:
         problems.append(("distributed.gpu_pool", f"team {team.name} may not use pool {dist.gpu_pool!r}"))
+    elif dist.gpu_pool:  # a worker that fits no node of its pool would wait for ever
+        problems += node_fit_problems(dist, config.gpu_pools[dist.gpu_pool])
     if gpus > team.quota.max_gpus:
         problems.append(
             ("distributed.gpus_per_worker", f"the job needs {gpus} GPUs; team quota is {team.quota.max_gpus}")

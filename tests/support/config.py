@@ -14,6 +14,8 @@ DATA = REPO / "jobs" / "data"
 PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 TOKENS = {"tok-alpha": ("alpha", "member"), "tok-beta": ("beta", "member"), "tok-root": ("alpha", "admin")}
+# One node of the `h100` pool the shipped recipes name: 8 x H100 80GB, what a job may use of its CPUs and memory.
+H100_NODE = {"gpus_per_node": 8, "cpus_per_node": 192, "memory_per_node": "1800Gi", "gpu_memory": "80Gi"}
 # Local folders test specs read: the repo (jobs/data, build/tiny-llama) and pytest's temporary folders.
 DATA_ROOTS = [str(REPO), tempfile.gettempdir()]
 
@@ -34,7 +36,7 @@ def platform_config(home: Path, db: str, **overrides: object):
             },
             {"name": "beta", "quota": {"max_concurrent_jobs": 2, "max_gpus": 0}, "priority": 10},
         ],
-        "gpu_pools": {"h100": {"node_selector": {"pool": "h100"}, "accelerator_type": "H100"}},
+        "gpu_pools": {"h100": {"node_selector": {"pool": "h100"}, "accelerator_type": "H100", **H100_NODE}},
         "auth": {
             "tokens": [
                 {"sha256": hash_token(t), "team": team, "role": role} for t, (team, role) in TOKENS.items()

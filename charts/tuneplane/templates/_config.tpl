@@ -28,6 +28,19 @@ gpu_pools:
     {{- with get $pool "acceleratorType" }}
     accelerator_type: {{ . | quote }}
     {{- end }}
+    {{- /* The node shape: with gpusPerNode set, a job gets one Ray worker pod per node. */}}
+    {{- with get $pool "gpusPerNode" }}
+    gpus_per_node: {{ . | int }}
+    {{- end }}
+    {{- with get $pool "cpusPerNode" }}
+    cpus_per_node: {{ . }}
+    {{- end }}
+    {{- with get $pool "memoryPerNode" }}
+    memory_per_node: {{ . | quote }}
+    {{- end }}
+    {{- with get $pool "gpuMemory" }}
+    gpu_memory: {{ . | quote }}
+    {{- end }}
 {{- end }}
 {{- else }}
 gpu_pools: {}

@@ -28,6 +28,7 @@ from kubernetes import watch as k8s_watch
 
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.backends.kuberay_network import JOB_ID_LABEL, job_network_policy, network_policy_name
+from tuneplane.backends.kuberay_pods import PodGroup, node_groups
 from tuneplane.config import GpuPool, PlatformConfig
 from tuneplane.errors import BackendError
 
@@ -168,27 +169,51 @@ def _ray_pod(
     return _pod_template(job, config, container, volumes=volumes, **spec)
 
 
-def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
-    """The RayJob for a job: a fresh Ray cluster (head + one worker group) that runs the fixed entrypoint."""
-    if len(job.id) > MAX_NAME:
-        raise BackendError(f"job id '{job.id}' is longer than the {MAX_NAME} characters KubeRay accepts")
-    kr, dist = config.kuberay, job.spec.distributed
-    pool = _gpu_pool(job, config)
-
-    worker_requests = {"cpu": _cpu(dist.cpus_per_worker)}
-    if dist.memory_per_worker:
-        worker_requests["memory"] = dist.memory_per_worker
-    gpus: dict[str, str] = {}
-    worker_params: dict[str, str] = {}
-    if dist.gpus_per_worker:
-        gpus[pool.resource_name if pool else "nvidia.com/gpu"] = str(dist.gpus_per_worker)
-        # Ray only auto-detects nvidia.com/gpu; state the count so other resource names work too.
-        worker_params["num-gpus"] = str(dist.gpus_per_worker)
+def _worker_groups(job: BackendJob, config: PlatformConfig) -> list[dict[str, Any]]:
+    """The workerGroupSpecs: one group per pod shape of the job's packing (kuberay_pods.node_groups)."""
+    dist, pool = job.spec.distributed, _gpu_pool(job, config)
+    try:
+        groups = node_groups(dist, pool)
+    except ValueError as exc:
+        raise BackendError(f"job {job.id}: {exc}") from None
     placement: dict[str, Any] = {}
     if pool:
         placement["nodeSelector"] = dict(pool.node_selector)
         placement["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
-    worker_resources = _resources(worker_requests, **gpus)
+    gpu_resource = pool.resource_name if pool else "nvidia.com/gpu"
+    return [_worker_group(job, config, group, gpu_resource, placement) for group in groups]
+
+
+def _worker_group(
+    job: BackendJob, config: PlatformConfig, group: PodGroup, gpu_resource: str, placement: dict[str, Any]
+) -> dict[str, Any]:
+    requests = {"cpu": _cpu(group.cpus)}
+    if group.memory:
+        requests["memory"] = group.memory
+    gpus: dict[str, str] = {}
+    params: dict[str, str] = {}
+    if group.gpus:
+        gpus[gpu_resource] = str(group.gpus)
+        # Ray only auto-detects nvidia.com/gpu; state the count so other resource names work too.
+        params["num-gpus"] = str(group.gpus)
+    if group.node_sized:  # a node-sized pod says what it holds; a one-worker pod lets Ray read its limits
+        params["num-cpus"] = group.ray_cpus
+    return {
+        "groupName": group.name,
+        "replicas": group.replicas,
+        "minReplicas": group.replicas,
+        "maxReplicas": group.replicas,
+        "rayStartParams": params,
+        "template": _ray_pod(job, config, "ray-worker", _resources(requests, **gpus), **placement),
+    }
+
+
+def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
+    """The RayJob for a job: a fresh Ray cluster (a head without GPU, and the job's worker groups: one pod per
+    worker, or one per node when the pool states its node shape) that runs the fixed entrypoint."""
+    if len(job.id) > MAX_NAME:
+        raise BackendError(f"job id '{job.id}' is longer than the {MAX_NAME} characters KubeRay accepts")
+    kr = config.kuberay
     submitter = {"name": SUBMITTER, "resources": _resources({"cpu": "1", "memory": "1Gi"})}
 
     spec: dict[str, Any] = {
@@ -222,16 +247,7 @@ def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
                     job, config, "ray-head", _resources({"cpu": kr.head_cpu, "memory": kr.head_memory})
                 ),
             },
-            "workerGroupSpecs": [
-                {
-                    "groupName": "workers",
-                    "replicas": dist.num_workers,
-                    "minReplicas": dist.num_workers,
-                    "maxReplicas": dist.num_workers,
-                    "rayStartParams": worker_params,
-                    "template": _ray_pod(job, config, "ray-worker", worker_resources, **placement),
-                }
-            ],
+            "workerGroupSpecs": _worker_groups(job, config),
         },
     }
     labels = labels_for(job, config)

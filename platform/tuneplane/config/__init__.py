@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneplane.config._strict import Strict
 from tuneplane.config.kuberay import KubeRayBackend
+from tuneplane.config.quantity import check_quantity, quantity_bytes
 from tuneplane.errors import ConfigError
 from tuneplane.home import DEFAULT_HOME, Home, default_home
 
@@ -59,6 +60,33 @@ class GpuPool(Strict):
     tolerations: list[Toleration] = Field(default_factory=list)
     resource_name: str = Field("nvidia.com/gpu", description="Extended resource a worker requests.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    # The node shape: with `gpus_per_node` set the KubeRay backend packs a job's workers into node-sized pods
+    # (one Ray worker pod per node) and admission refuses a worker that cannot fit one node.
+    gpus_per_node: int | None = Field(
+        None, ge=1, le=64, description="GPUs of one node of the pool; set it to get one Ray pod per node."
+    )
+    cpus_per_node: float | None = Field(
+        None, gt=0, description="CPUs of one node a job may use (allocatable, less the daemons' share)."
+    )
+    memory_per_node: str | None = Field(
+        None, description="Memory of one node a job may use, as a Kubernetes quantity, e.g. '1800Gi'."
+    )
+    gpu_memory: str | None = Field(
+        None, description="Memory of ONE GPU of the pool, as a Kubernetes quantity, e.g. '80Gi'."
+    )
+
+    @field_validator("memory_per_node", "gpu_memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        return check_quantity(value)
+
+    def gpu_memory_bytes(self) -> int | None:
+        """Bytes of one GPU's memory, or None when the pool does not say."""
+        return quantity_bytes(self.gpu_memory) if self.gpu_memory is not None else None
+
+    def memory_per_node_bytes(self) -> int | None:
+        """Bytes of one node's memory a job may use, or None when the pool does not say."""
+        return quantity_bytes(self.memory_per_node) if self.memory_per_node is not None else None
 
 
 class TokenEntry(Strict):
