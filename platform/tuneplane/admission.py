@@ -15,6 +15,7 @@ from typing import Any
 from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, SpecError
+from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
 from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec
 from tuneplane.store import Principal
 
@@ -52,7 +53,7 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
         )
     if gpus and config.backend == "local":
         problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
-    return problems + _location_problems(spec, team, config)
+    return problems + _location_problems(spec, team, config) + memory_problems(spec, team, config)
 
 
 def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
@@ -137,6 +138,66 @@ def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConf
         if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):
             problems.append((field, not_readable(location)))
     return problems
+
+
+def memory_check(spec: TuningSpec, team: Team, config: PlatformConfig) -> MemoryCheck:
+    """The estimate per GPU of `spec` on its pool. The model's config.json is read only where the control plane
+    may read (`_may_read`); elsewhere the shape comes from the table of well-known architectures."""
+    may_read = _may_read(spec.model.base, team, config)
+    return check_memory(spec, pool_gpu_memory(spec, config), may_read=may_read)
+
+
+def _may_read(location: str, team: Team, config: PlatformConfig) -> bool:
+    """Object storage of an allowed scheme, or (local backend) a folder inside the team's data roots."""
+    kind = model_location_kind(location)
+    if kind == "uri":
+        return location.split("://", 1)[0].lower() in config.storage_schemes
+    return kind == "path" and config.backend == "local" and readable(location, team, config)
+
+
+def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
+    """A GPU job whose estimate does not fit one GPU of its pool, naming what to change. Only when the pool
+    declares `gpu_memory` and the model's shape is known: an unknown model is never refused."""
+    device = pool_gpu_memory(spec, config)
+    if device is None:
+        return []
+    found = memory_check(spec, team, config).estimate
+    if found is None or fits(found.total, device):
+        return []
+    field, levers = _memory_levers(spec, found)
+    usable = int(device * (1 - HEADROOM))
+    return [
+        (
+            field,
+            f"estimated {found.summary()} per GPU, over the {gib(usable)} usable of the pool's {gib(device)} "
+            f"GPUs; to fit: {'; '.join(levers)}",
+        )
+    ]
+
+
+def _memory_levers(spec: TuningSpec, found: MemoryEstimate) -> tuple[str, list[str]]:
+    """(the field to change first, every change that lowers the estimate): activation settings first when
+    activations weigh more than the model states, ZeRO and offload first otherwise."""
+    dist, parts, batch = spec.distributed, found.parts, spec.hyperparameters.micro_batch_size
+    activation = [
+        (not found.checkpointing, "model.activation_checkpointing", "set it to on"),
+        (batch > 1, "hyperparameters.micro_batch_size", f"lower it from {batch}"),
+        (True, "data.max_seq_len", f"lower it from {spec.data.max_seq_len}"),
+    ]
+    states = [
+        (dist.zero_stage < 3, "distributed.zero_stage", f"raise it from {dist.zero_stage} to 3"),
+        (not dist.offload_optimizer, "distributed.offload_optimizer", "set it"),
+        (dist.zero_stage == 3 and not dist.offload_params, "distributed.offload_params", "set it"),
+        (True, "distributed.num_workers", f"raise it from {dist.num_workers}"),
+    ]
+    model_states = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    first, then = (
+        (states, activation)
+        if model_states > parts["activations"] + parts["backward"]
+        else (activation, states)
+    )
+    levers = [(field, f"{field}: {text}") for applies, field, text in first + then if applies]
+    return levers[0][0], [text for _, text in levers]
 
 
 PREFLIGHT_BUDGET_S = 30.0  # a dry run answers within this, whatever the spec asks it to read

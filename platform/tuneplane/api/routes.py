@@ -4,13 +4,14 @@ read from MLflow by `tuneplane.tracking`; what a route may use comes from `api.d
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneplane.admission import admit, preflight_report, reachability_problems
+from tuneplane.admission import admit, memory_check, preflight_report, reachability_problems
 from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, ReconcilerDep
 from tuneplane.api.problems import Problem, field_errors
 from tuneplane.api.schemas import (
@@ -165,19 +166,24 @@ def _dry_run(spec: TuningSpec, team: str, config: PlatformConfig, max_records: i
     problems = reachability_problems(spec, team, config)
     if problems:
         return _report(False, spec_dict, problems)
+    owner = config.team(team)
+    assert owner is not None  # admit() refuses callers of unknown teams
+    memory = memory_check(spec, owner, config)
+    notes = [] if memory.estimate else [f"memory estimate skipped: {memory.source}"]
+    report = partial(_report, spec=spec_dict, memory=memory.to_dict())
     try:
         data = preflight_report(spec, max_records)
     except ImportError as exc:  # an API image without the training extra
-        return _report(True, spec_dict, notes=[f"data preflight skipped: {exc.name} is not installed here"])
+        return report(True, notes=[*notes, f"data preflight skipped: {exc.name} is not installed here"])
     except Exception as exc:  # the tokenizer or data could not be read: say which
-        found = exc.problems if isinstance(exc, TuneplaneError) else [("", f"{type(exc).__name__}: {exc}")]
-        return _report(False, spec_dict, [(field or "model", clip(message)) for field, message in found])
+        failed = exc.problems if isinstance(exc, TuneplaneError) else [("", f"{type(exc).__name__}: {exc}")]
+        return report(False, problems=[(field or "model", clip(message)) for field, message in failed])
     if data is None:
         skipped = (
             "data preflight skipped: the tokenizer is a hub id and the control plane does not reach the hub"
         )
-        return _report(True, spec_dict, notes=[skipped])
-    return _report(bool(data.get("ok")), spec_dict, data=data)
+        return report(True, notes=[*notes, skipped])
+    return report(bool(data.get("ok")), data=data, notes=notes)
 
 
 def _report(
@@ -186,9 +192,17 @@ def _report(
     problems: Sequence[tuple[str, str]] = (),
     data: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    memory: dict[str, Any] | None = None,
 ) -> ValidationReport:
     return ValidationReport.model_validate(
-        {"ok": ok, "spec": spec, "problems": field_errors(problems), "data": data, "notes": list(notes)}
+        {
+            "ok": ok,
+            "spec": spec,
+            "problems": field_errors(problems),
+            "data": data,
+            "notes": list(notes),
+            "memory": memory,
+        }
     )
 
 

@@ -109,6 +109,11 @@ class ValidationReport(BaseModel):
     problems: list[FieldProblem]
     data: dict[str, Any] | None = Field(None, description="The data preflight report, when it ran.")
     notes: list[str] = Field(default_factory=list, description="What was not checked, and why.")
+    memory: dict[str, Any] | None = Field(
+        None,
+        description="Estimated memory per GPU (bytes, by part) against one GPU of the spec's pool, when the "
+        "model's shape is known (see docs/training.md, Memory estimate).",
+    )
 
 
 class ProblemOut(BaseModel):

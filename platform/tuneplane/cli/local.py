@@ -19,6 +19,8 @@ from tuneplane.spec import json_schema, load_spec
 
 if TYPE_CHECKING:
     from tuneplane.data.preflight import PreflightReport
+    from tuneplane.memory import MemoryCheck
+    from tuneplane.spec import TuningSpec
 
 
 @spec_app.command("schema")
@@ -60,11 +62,21 @@ def validate(
     samples: Annotated[int, typer.Option(help="Rendered samples to show per source.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     spec_only: Annotated[bool, typer.Option(help="Check the spec, not the data.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TUNEPLANE_CONFIG", help="Platform config YAML: the GPU memory of the spec's pool."
+        ),
+    ] = None,
 ) -> None:
-    """Check a spec and preflight its data: counts, bad records (uri:line), lengths, masking."""
+    """Check a spec, estimate its memory per GPU, and preflight its data: counts, bad records (uri:line),
+    lengths, masking."""
     spec = load_or_exit("spec", load_spec, spec_path)
+    memory = _memory(spec, config)
     if spec_only:
         console.print(f"[green]spec ok[/]: {spec.name}")
+        _print_memory(spec, memory)
+        _exit_unless_fits(memory)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tuneplane.data import preflight
@@ -87,10 +99,52 @@ def validate(
     with console.status("scanning data"):
         report = preflight(spec, tokenizer, max_records=max_records, samples=samples)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**report.to_dict(), "memory": memory.to_dict()}, indent=2) + "\n")
     else:
         _print_report(report)
+        _print_memory(spec, memory)
+    _exit_unless_fits(memory)
     if not report.ok:
+        raise typer.Exit(1)
+
+
+def _memory(spec: TuningSpec, config_path: Path | None) -> MemoryCheck:
+    """The estimate per GPU against the spec's pool in the platform config (the user's own files and storage
+    credentials: the model's config.json is read wherever it is)."""
+    from tuneplane.config import load_config
+    from tuneplane.memory import check_memory, pool_gpu_memory
+
+    platform = load_or_exit("config", load_config, config_path)
+    return check_memory(spec, pool_gpu_memory(spec, platform))
+
+
+def _print_memory(spec: TuningSpec, memory: MemoryCheck) -> None:
+    from tuneplane.memory import fits, gib
+
+    found, device = memory.estimate, memory.device_bytes
+    per = "GPU" if spec.distributed.gpus_per_worker else "worker"
+    if found is None:
+        console.print(f"memory per {per}: not estimated ({escape(memory.source)})", highlight=False)
+    elif device is None:
+        ckpt = "on" if found.checkpointing else "off"
+        console.print(
+            f"memory per {per} (estimate): {gib(found.total)}, activation checkpointing {ckpt}",
+            highlight=False,
+        )
+    else:
+        verdict = "[green]fits[/]" if fits(found.total, device) else "[red]does not fit[/]"
+        console.print(
+            f"memory per GPU (estimate): {found.summary()} of {gib(device)}: {verdict}; activation "
+            f"checkpointing {'on' if found.checkpointing else 'off'}, ZeRO-{found.zero_stage} over "
+            f"{found.world_size} ranks; shape from {escape(memory.source)}",
+            highlight=False,
+        )
+
+
+def _exit_unless_fits(memory: MemoryCheck) -> None:
+    from tuneplane.memory import fits
+
+    if memory.estimate and memory.device_bytes and not fits(memory.estimate.total, memory.device_bytes):
         raise typer.Exit(1)
 
 

@@ -3,15 +3,18 @@ and the DeepSpeed config (with the one rule for which ZeRO stage really runs).""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed
 
 from tuneplane.errors import SpecError
+from tuneplane.memory import checkpointing_enabled
 from tuneplane.pretrained import from_pretrained
-from tuneplane.spec import DistributedSpec, FullMethod, LoraMethod, PartialMethod, TuningSpec
+from tuneplane.spec import FullMethod, LoraMethod, PartialMethod, TuningSpec, effective_zero_stage
 
 
 def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
@@ -21,8 +24,9 @@ def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_model(spec: TuningSpec, on_gpu: bool) -> torch.nn.Module:
-    """The base model (from a folder, object storage or the hub) with the spec's method applied."""
+def load_model(spec: TuningSpec, on_gpu: bool, world_size: int | None = None) -> torch.nn.Module:
+    """The base model (from a folder, object storage or the hub) with activation checkpointing as the spec
+    decides and its method applied. `world_size` (default: the process group's) feeds the `auto` decision."""
     from transformers import AutoModelForCausalLM
 
     attn = "flash_attention_2" if on_gpu and _has_flash_attn() else "sdpa"
@@ -32,9 +36,58 @@ def load_model(spec: TuningSpec, on_gpu: bool) -> torch.nn.Module:
         spec.model.revision,
         dtype=torch_dtype(spec, on_gpu),
         attn_implementation=attn,
+        **_quantization(spec, on_gpu),
     )
     model.config.use_cache = False
+    if _quantized(spec):
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, upcasts what is not quantized; checkpointing is set below as for every method.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if checkpointing_enabled(spec, model.config, world_size or _world_size(), _device_memory(on_gpu)):
+        # Non-reentrant: recomputes layer by layer inside the one backward, so LoRA needs no input-grad hack, ZeRO
+        # reduces each gradient once, and packed rows' position_ids reach the recomputed attention unchanged.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs;
+        # with `partial` it would run the backward through every frozen layer. (PEFT adds it back for LoRA.)
+        model.disable_input_require_grads()
     return apply_method(model, spec)
+
+
+def _world_size() -> int:
+    group = torch.distributed
+    return group.get_world_size() if group.is_available() and group.is_initialized() else 1
+
+
+def _device_memory(on_gpu: bool) -> int | None:
+    """This worker's GPU memory in bytes; None on CPU, where `auto` checkpointing stays off."""
+    if not (on_gpu and torch.cuda.is_available()):
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def _quantized(spec: TuningSpec) -> bool:
+    return isinstance(spec.method, LoraMethod) and spec.method.quantize == "4bit"
+
+
+def _quantization(spec: TuningSpec, on_gpu: bool) -> dict[str, Any]:
+    """`from_pretrained` arguments for QLoRA's 4-bit NF4 base; refused, naming the field, where it cannot run."""
+    if not _quantized(spec):
+        return {}
+    if not (on_gpu and torch.cuda.is_available()):
+        raise SpecError([("method.quantize", "'4bit' (QLoRA) needs a CUDA GPU, and this worker has none")])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SpecError([("method.quantize", "'4bit' (QLoRA) needs bitsandbytes, which this image lacks")])
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(spec, on_gpu),
+    )
+    # bitsandbytes quantizes as the weights land on the GPU: load them straight onto this worker's device.
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def _has_flash_attn() -> bool:
@@ -56,6 +109,8 @@ def apply_method(model: torch.nn.Module, spec: TuningSpec) -> torch.nn.Module:
             lora_dropout=method.dropout,
             target_modules=method.target_modules,
             modules_to_save=method.modules_to_save or None,
+            use_dora=method.use_dora,
+            use_rslora=method.use_rslora,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)
@@ -103,14 +158,6 @@ def build_optimizer(
         [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, weight_decay=hp.weight_decay
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
-
-
-def effective_zero_stage(dist: DistributedSpec, world_size: int) -> int:
-    """The ZeRO stage that really runs. ZeRO partitions across data-parallel ranks; with one rank there is
-    nothing to partition and stages 1-3 only add buffer copies (measured: ZeRO-2 at 0.73x the tokens/s of
-    ZeRO-0 on one CPU worker), so a single rank runs stage 0. Offload needs a ZeRO stage: it keeps its own."""
-    single = world_size == 1 and not (dist.offload_optimizer or dist.offload_params)
-    return 0 if single else dist.zero_stage
 
 
 def deepspeed_config(spec: TuningSpec, on_gpu: bool, world_size: int) -> dict[str, Any]:

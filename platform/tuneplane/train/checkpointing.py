@@ -17,8 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tuneplane.errors import CheckpointError
-from tuneplane.spec import LoraMethod, TuningSpec
-from tuneplane.train.builders import effective_zero_stage
+from tuneplane.spec import LoraMethod, TuningSpec, effective_zero_stage
 
 CHECKPOINT_META = "tuneplane-checkpoint.json"
 FINAL_METRICS = "final.json"  # present only in the last checkpoint of a finished run

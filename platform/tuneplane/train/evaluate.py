@@ -19,8 +19,8 @@ from tuneplane.data.records import expand, read_records
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer
 from tuneplane.errors import FormatError
 from tuneplane.generation import GENERATION_BATCH, generate, prompt_ids
-from tuneplane.spec import TuningSpec
-from tuneplane.train.builders import effective_zero_stage
+from tuneplane.spec import TuningSpec, effective_zero_stage
+from tuneplane.train.loss import causal_lm_loss
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def eval_loss(
             break
         assert batch is not None
         tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-        loss = engine(**batch.to_torch(device), use_cache=False).loss
+        loss = causal_lm_loss(engine, batch.to_torch(device))
         total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return {"eval_loss": (total[0] / total[1]).item() if total[1] > 0 else float("nan")}

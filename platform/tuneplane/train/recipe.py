@@ -37,6 +37,7 @@ from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
 from tuneplane.train import checkpointing, evaluate
 from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
+from tuneplane.train.loss import causal_lm_loss
 from tuneplane.train.metrics import StepWindow, count_params, flops_per_token
 
 
@@ -171,7 +172,7 @@ class InstructionTuningRecipe:
                 self.state.epochs += 1
                 return
             assert batch is not None
-            loss = self.engine(**batch.to_torch(self.device), use_cache=False).loss
+            loss = causal_lm_loss(self.engine, batch.to_torch(self.device))
             self.engine.backward(loss)
             before = self.engine.global_steps
             self.engine.step()

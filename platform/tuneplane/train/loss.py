@@ -1,0 +1,109 @@
+"""The causal-LM loss for training and eval loss, without ever holding the full [tokens x vocab] logits.
+
+HF's `model(..., labels=...).loss` projects every position onto the vocabulary and upcasts to fp32: at 8k tokens
+and a 128k vocabulary that is 4 GiB for the logits alone, more than the rest of a LoRA step's activations. Here
+the decoder runs through the engine as usual (so ZeRO-3's hooks, PEFT and packing see the same call as before)
+but with `logits_to_keep` set to no position, and only the positions that have a target go through the output
+projection, LOSS_CHUNK_TOKENS at a time. Each chunk is recomputed in backward, so at most one chunk's logits
+(and their gradient) exist at once. On CUDA with `liger_kernel` installed, Liger's fused linear + cross-entropy
+does the same in Triton.
+
+The value is HF's: the shift (labels[:, 1:] scored against positions [:, :-1]) and the mean over targets that
+are not IGNORE_INDEX, with the logits upcast to fp32 before the softmax.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tuneplane.data.templates import IGNORE_INDEX
+from tuneplane.memory import LOSS_CHUNK_TOKENS
+
+
+def causal_lm_loss(
+    model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of `batch` (the dict of `Batch.to_torch`) under `model`: a DeepSpeed
+    engine, a PEFT model or a plain HF causal LM."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    no_position = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    # The decoder's output (after the final norm) is taken by a hook rather than `output_hidden_states`, which
+    # would also keep every layer's output alive until the loss is done (no_grad eval keeps none of them).
+    final: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda _module, _args, out: final.append(out[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=no_position)
+    finally:
+        hook.remove()
+    return head_loss(model.get_output_embeddings(), final[-1], batch["labels"], chunk_tokens)
+
+
+def head_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` against `labels` shifted by one, projecting only the scored positions."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    scored = targets != IGNORE_INDEX
+    hidden = hidden.reshape(-1, hidden.shape[-1])[scored]
+    targets = targets[scored]
+    if _liger_applies(head, hidden):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(
+            head.weight, hidden, targets, head.bias
+        )
+    zero3 = _zero3_partitioned(head)
+    # Under ZeRO-3 the head's weight is released in place right after its forward, so the recomputed weight
+    # reads as empty when checkpoint compares metadata; the backward itself re-gathers it (ZeRO's pre-backward
+    # hook on the head's output runs before the matmul's backward), so that check is skipped there.
+    check = "none" if zero3 else "default"
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for part in range(_chunk_count(len(targets), chunk_tokens, zero3, hidden.device)):
+        rows = slice(part * chunk_tokens, (part + 1) * chunk_tokens)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(
+                _summed_loss, head, hidden[rows], targets[rows], use_reentrant=False, determinism_check=check
+            )
+        else:
+            total = total + _summed_loss(head, hidden[rows], targets[rows])
+    # No scored token (every label masked) gives 0 rather than HF's 0/0 = NaN, which would poison the weights.
+    return total / max(len(targets), 1)
+
+
+def _summed_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # The head is called as a module, never through `.weight`: under ZeRO-3 its pre-forward hook gathers the
+    # partitioned weight (here and again in the backward recompute), and PEFT wrappers route to their copy.
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _chunk_count(tokens: int, chunk_tokens: int, zero3: bool, device: torch.device) -> int:
+    """Chunks this rank runs. Under ZeRO-3 every call of the head all-gathers its weight, a collective, so all
+    ranks make the same number of calls: the largest count of any rank (a rank with fewer runs empty chunks)."""
+    count = -(-tokens // chunk_tokens)
+    if zero3 and dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor([count], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        count = int(agreed.item())
+    return count
+
+
+def _zero3_partitioned(head: torch.nn.Module) -> bool:
+    return any(hasattr(param, "ds_id") for param in head.parameters())
+
+
+def _liger_applies(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Liger reads the weight directly: only for a plain, unpartitioned linear head on CUDA."""
+    return (
+        hidden.is_cuda
+        and len(hidden) > 0
+        and type(head) is torch.nn.Linear
+        and not _zero3_partitioned(head)
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
