@@ -53,7 +53,10 @@ def tokenizer(tiny_dir: Path):
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
     """A real S3-compatible HTTP server (moto_server) on a random loopback port."""
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # This environment's moto first: a `moto_server` on PATH may be another Python's, of another version
+    # (moto 5.2.1 answers pyarrow's multipart uploads with errors that 5.2.5 does not).
+    beside = Path(sys.executable).parent / "moto_server"
+    exe = str(beside) if beside.exists() else shutil.which("moto_server") or "moto_server"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"

@@ -118,6 +118,8 @@ def build_trainer(spec: TuningSpec, settings: RunSettings, run_id: str | None) -
             num_workers=dist_spec.num_workers,
             use_gpu=use_gpu,
             resources_per_worker=resources,
+            # Fill a node before using the next: ranks of a node share NVLink and its pod (see kuberay_pods).
+            placement_strategy="PACK",
             accelerator_type=settings.accelerator_type if use_gpu else None,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -58,6 +58,7 @@ class RecipeState:
     step: int = 0  # optimizer steps done
     epochs: int = 0  # passes over the data completed
     tokens: int = 0  # tokens trained on
+    resumes: int = 0  # times training resumed from a checkpoint (worker or node lost, driver re-run)
     base_zero_shot: dict[str, float] | None = None  # the base model's scores, measured once
 
 
@@ -87,6 +88,7 @@ class InstructionTuningRecipe:
         spec, hp = self.spec, self.spec.hyperparameters
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
         on_gpu = torch.cuda.is_available() and spec.distributed.gpus_per_worker > 0
         self.device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
         # The shared-memory comm op would be JIT-compiled on first use (+30 s, ~3 GB); gloo/nccl are enough.
@@ -138,6 +140,8 @@ class InstructionTuningRecipe:
             data_state, meta = checkpointing.read(Path(folder), self.engine, self.rank, self.world)
         known = {f.name for f in fields(RecipeState)}
         self.state = RecipeState(**{k: v for k, v in meta.items() if k in known})
+        self.state.resumes += 1
+        self.run.report({"resumes": self.state.resumes}, self.state.step)
         self._log(f"resumed from step {self.state.step}")
         return data_state
 
@@ -202,7 +206,8 @@ class InstructionTuningRecipe:
     def _log_examples(self, step: int) -> None:
         if self.settings.example_log_dir:
             with (Path(self.settings.example_log_dir) / f"rank{self.rank}.jsonl").open("a") as fh:
-                fh.write(json.dumps({"step": step, "keys": self.step_keys}) + "\n")
+                entry = {"step": step, "node": self.node_id, "keys": self.step_keys}
+                fh.write(json.dumps(entry) + "\n")
         self.step_keys = []
 
     # ------------------------------------------------------------------------------------------- evaluate
