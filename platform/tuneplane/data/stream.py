@@ -23,6 +23,7 @@ import numpy as np
 from tuneplane.data.formats import to_conversation
 from tuneplane.data.packing import Batch, BestFitPacker, Example, FifoRows, collate
 from tuneplane.data.records import RawRecord, expand, file_kind, read_records
+from tuneplane.data.reshard import Handover
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
 from tuneplane.errors import MAX_ECHO, DataError, FormatError, clip
 from tuneplane.spec import DataSpec, SourceSpec
@@ -60,6 +61,7 @@ class SourceCursor:
     seen: int = 0  # records of this pass seen by all ranks together (for record striding)
     done_in_epoch: bool = False
     owned_in_pass: int = 0  # records this rank took in the current pass; 0 after a full pass = empty shard
+    handover: dict[str, Any] | None = None  # what an old world took, after a resize (see data/reshard.py)
 
 
 def required_columns(source: SourceSpec) -> tuple[str, ...]:
@@ -105,6 +107,7 @@ class SourceReader:
             file_kind(uri)  # fail fast on unknown extensions
         self.by_file = world_size > 1 and len(self.files) % world_size == 0
         self.cursor = cursor or SourceCursor()
+        self._handover = Handover.from_state(self.cursor.handover)
         self._columns = required_columns(spec)
         self.empty = False  # a full pass gave this rank nothing (tiny source, many ranks)
         self._records = self._iterate()
@@ -112,7 +115,21 @@ class SourceReader:
     def _pass_files(self, pass_no: int) -> list[str]:
         order = list(self.files)
         random.Random(f"{self.seed}:{self.index}:{pass_no}").shuffle(order)
-        return order[self.rank :: self.world_size] if self.by_file else order
+        return order[self.rank :: self.world_size] if self._by_file(pass_no) else order
+
+    def _by_file(self, pass_no: int) -> bool:
+        """Whole files per rank, except in a pass taken over from another world size (read record by record)."""
+        return self.by_file and not self._taking_over(pass_no)
+
+    def _taking_over(self, pass_no: int) -> bool:
+        return self._handover is not None and self._handover.governs(pass_no)
+
+    def _owns(self, c: SourceCursor) -> bool:
+        """Whether this rank owns the record the cursor is on (`c.line`, the `c.seen`-th of the pass)."""
+        if self._handover is not None and self._handover.governs(c.pass_no):
+            taken = self._handover.taken(c.pass_no, c.file_index, c.line, c.seen, len(self.files))
+            return not taken and c.seen % self.world_size == self.rank
+        return self._by_file(c.pass_no) or c.seen % self.world_size == self.rank
 
     def next(self) -> RawRecord | None:
         """The next owned record; None when a pass ends (the cursor then points at the next pass)."""
@@ -127,7 +144,7 @@ class SourceReader:
                 try:
                     for record in read_records(uri, c.line, self._columns):
                         c.line = record.line
-                        owned = self.by_file or c.seen % self.world_size == self.rank
+                        owned = self._owns(c)
                         c.seen += 1
                         if owned and self._wanted(record):
                             c.owned_in_pass += 1
@@ -138,8 +155,11 @@ class SourceReader:
                     yield RawRecord(exc.uri, exc.line or 0, None, exc.reason)
                     continue
                 c.file_index, c.line = c.file_index + 1, 0
-            self.empty = c.owned_in_pass == 0  # never loop over an empty shard
+            # Never loop over an empty shard (a pass taken over may leave this rank nothing: that is not one).
+            self.empty = c.owned_in_pass == 0 and not self._taking_over(c.pass_no)
             c.pass_no, c.file_index, c.line, c.seen, c.owned_in_pass = c.pass_no + 1, 0, 0, 0, 0
+            if not self._taking_over(c.pass_no):
+                self._handover, c.handover = None, None
             c.done_in_epoch = True
             yield None
 
