@@ -46,6 +46,7 @@ lint: $(STAMP)
 bench: setup
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/train_overhead.py
+	$(PY) bench/scale.py
 	$(PY) bench/api_load.py
 
 schema: $(STAMP)

@@ -32,31 +32,6 @@ def _recipe(name: str, max_seq_len: int | None = None, **model: Any) -> TuningSp
     return parse_spec(raw)
 
 
-def _peak_of_second_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], tmp_path: Path) -> int:
-    """Peak bytes of a steady-state training step on CPU: the parameters and AdamW moments alive before it (their
-    storages' sizes) plus the most the step itself held at once, from torch.profiler's allocator events ('Total
-    Allocated' counts from the profiler's start; RSS would count freed-but-cached pages and the imports)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tuneplane.train.loss import causal_lm_loss
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        causal_lm_loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # AdamW creates its moments in the first step
-    held = sum(p.untyped_storage().nbytes() for p in model.parameters())
-    held += sum(t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values() if t.dim())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-    return held + max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-
-
 @pytest.mark.parametrize(
     ("hidden", "layers", "method", "checkpointing"),
     [
@@ -93,7 +68,11 @@ def test_estimate_is_within_25_percent_of_a_measured_step(
     model = apply_method(model, spec).train()
     # Full rows without padding: no attention mask, so SDPA runs its flash kernel (no seq^2 scores), as on GPU.
     ids = torch.randint(8, len(tokenizer), (4, 512), generator=torch.Generator().manual_seed(0))
-    measured = _peak_of_second_step(model, {"input_ids": ids, "labels": ids.clone()}, tmp_path)
+    from tuneplane.devtools.peak import training_step_peak
+    from tuneplane.train.loss import causal_lm_loss
+
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    measured = training_step_peak(model, lambda: causal_lm_loss(model, batch))
 
     found = estimate(spec, shape, 1, checkpointing=checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -19,7 +19,7 @@ import yaml
 
 from tests.support.config import REPO
 from tests.support.mlflow_server import mlflow_server
-from tests.support.ray_cluster import LoopbackCluster, LoopbackNode
+from tuneplane.devtools.cluster import LoopbackCluster, LoopbackNode
 from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.train import RunSettings, run
 

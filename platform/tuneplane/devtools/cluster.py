@@ -1,6 +1,7 @@
-"""A multi-node Ray cluster on 127.0.0.1 for tests: a head and worker nodes, each a separate raylet with its own
-temporary folder and its own HOME, so a run cannot silently rely on a disk only one node sees (the tuneplane
-state folder, the pretrained-model cache and Ray's session files all live under HOME or the node's temp folder).
+"""A multi-node Ray cluster on 127.0.0.1 for tests and benchmarks: a head and worker nodes, each a separate
+raylet with its own temporary folder and its own HOME, so a run cannot silently rely on a disk only one node sees
+(the tuneplane state folder, the pretrained-model cache and Ray's session files all live under HOME or the
+node's temp folder).
 
 A node is killed the way a preempted machine dies: every process whose environment carries the node's HOME (its
 raylet, agents and Ray Train workers) gets SIGKILL at once.
