@@ -25,6 +25,8 @@ from tuneplane.train import RunSettings, run
 
 pytestmark = pytest.mark.slow
 
+EPOCH = 600  # records in the elastic test's one epoch
+
 
 @pytest.fixture(scope="module")
 def bucket(moto_endpoint: str, tiny_dir: Path) -> str:
@@ -36,7 +38,10 @@ def bucket(moto_endpoint: str, tiny_dir: Path) -> str:
     name = f"multinode-{uuid.uuid4().hex[:8]}"
     fs.mkdir(name)
     fs.put(str(tiny_dir), f"{name}/models/tiny-llama", recursive=True)
-    fs.put(str(REPO / "jobs" / "data" / "tasks-alpaca.jsonl"), f"{name}/data/tasks-alpaca.jsonl")
+    alpaca = REPO / "jobs" / "data" / "tasks-alpaca.jsonl"
+    fs.put(str(alpaca), f"{name}/data/tasks-alpaca.jsonl")
+    # A short epoch for the elastic test, which trains one to its end.
+    fs.pipe(f"{name}/data/tasks-{EPOCH}.jsonl", b"".join(alpaca.read_bytes().splitlines(True)[:EPOCH]))
     return f"s3://{name}"
 
 
@@ -95,18 +100,22 @@ def _settings(bucket: str, tracking: str, job_id: str, audit: Path) -> RunSettin
 
 
 def _audit(folder: Path) -> tuple[dict[int, list[str]], set[str]]:
-    """Keys trained per step (all ranks; a step redone after a failure keeps its last record) and the Ray node
-    ids the workers ran on."""
-    per_rank: dict[str, dict[int, list[str]]] = {}
-    nodes: set[str] = set()
-    for file in sorted(folder.glob("rank*.jsonl")):
-        for line in file.read_text().splitlines():
-            item = json.loads(line)
-            per_rank.setdefault(file.stem, {})[item["step"]] = item["keys"]
-            nodes.add(item["node"])
-    steps = sorted({s for trace in per_rank.values() for s in trace})
-    trace = {s: sorted(k for t in per_rank.values() for k in t.get(s, [])) for s in steps}
-    return trace, nodes
+    """Keys trained per step, all ranks together, and the Ray node ids the workers ran on. A step trained again
+    after a resume (perhaps by fewer ranks) counts as its last attempt trained it."""
+    entries = [
+        json.loads(line)
+        for file in sorted(folder.glob("rank*.jsonl"))
+        for line in file.read_text().splitlines()
+    ]
+    last = {}
+    for item in entries:
+        last[item["step"]] = max(last.get(item["step"], 0), item["attempt"])
+    trace: dict[int, list[str]] = {}
+    for item in entries:
+        if item["attempt"] == last[item["step"]]:
+            trace.setdefault(item["step"], []).extend(item["keys"])
+    nodes = {item["node"] for item in entries}
+    return {step: sorted(keys) for step, keys in sorted(trace.items())}, nodes
 
 
 def _cached_models(node: LoopbackNode) -> list[Path]:
@@ -156,7 +165,7 @@ def test_workers_on_two_nodes_with_everything_on_object_storage(
 
 
 def _kill_node_after_first_checkpoint(
-    cluster: LoopbackCluster, victim: LoopbackNode, prefix: str, killed: list[int]
+    cluster: LoopbackCluster, victim: LoopbackNode, prefix: str, killed: list[int], replace: bool = True
 ) -> None:
     import s3fs
 
@@ -167,7 +176,8 @@ def _kill_node_after_first_checkpoint(
         if fs.exists(prefix) and any("checkpoint_" in p for p in fs.ls(prefix)):
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             killed.extend(cluster.kill_node(victim))
-            cluster.add_worker_node(f"{victim.name}-replacement")
+            if replace:
+                cluster.add_worker_node(f"{victim.name}-replacement")
             return
         time.sleep(0.3)
 
@@ -217,3 +227,48 @@ def test_a_killed_node_is_replaced_and_the_job_resumes_from_s3_exactly(
     assert run_info.info.status == "FINISHED"
     assert run_info.data.tags["tuneplane.attempts"] == "1"  # one driver attempt...
     assert run_info.data.metrics["resumes"] == 1  # ...whose workers resumed once from the checkpoint
+
+
+def test_an_elastic_job_goes_on_with_fewer_workers_and_trains_every_example_once(
+    cluster, bucket, tracking, tmp_path
+) -> None:
+    """4 workers (two per node) -> a node is lost, none replaces it -> 2 workers resume from the 4-worker
+    checkpoint (ZeRO states re-partitioned, data re-sharded) and finish the epoch."""
+    from mlflow import MlflowClient
+
+    spec = _spec(
+        bucket,
+        **{
+            "distributed.num_workers": 4,
+            "distributed.min_workers": 2,
+            "distributed.cpus_per_worker": 0.5,
+            "distributed.max_failures": 2,
+            "hyperparameters.max_steps": None,
+            "hyperparameters.epochs": 1,
+            "checkpointing.every_n_steps": 5,
+            "data.sources": [{"uri": f"{bucket}/data/tasks-{EPOCH}.jsonl", "format": "alpaca"}],
+        },
+    )
+    every = {f"{bucket}/data/tasks-{EPOCH}.jsonl:{n}" for n in range(1, EPOCH + 1)}
+
+    job_id = f"elastic-{uuid.uuid4().hex[:6]}"
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_node_after_first_checkpoint,
+        args=(cluster, cluster.nodes[-1], f"{bucket}/runs/{job_id}", killed, False),
+    )
+    killer.start()
+    elastic = run(spec, _settings(bucket, tracking, job_id, tmp_path / "elastic"))
+    killer.join()
+    assert killed
+
+    trace, _ = _audit(tmp_path / "elastic")
+    flat = [k for keys in trace.values() for k in keys]
+    assert sorted(flat) == sorted(every)  # every example of the epoch: nothing skipped, none twice
+    ranks: dict[int, set[str]] = {}  # which ranks trained, per attempt
+    for file in (tmp_path / "elastic").glob("rank*.jsonl"):
+        for line in file.read_text().splitlines():
+            ranks.setdefault(json.loads(line)["attempt"], set()).add(file.stem)
+    assert ranks == {0: {"rank0", "rank1", "rank2", "rank3"}, 1: {"rank0", "rank1"}}
+    run_info = MlflowClient(tracking_uri=tracking).get_run(elastic.run_id or "")
+    assert run_info.info.status == "FINISHED" and run_info.data.metrics["resumes"] == 1

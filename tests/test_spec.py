@@ -98,6 +98,28 @@ def test_cross_field_rules() -> None:
     assert "distributed.memory_per_worker" in _problems(_with(distributed={"memory_per_worker": "lots"}))
 
 
+@pytest.mark.parametrize(
+    ("distributed", "refused"),
+    [
+        ({"num_workers": 4, "min_workers": 2}, None),
+        ({"num_workers": 4, "min_workers": 5}, "must not exceed num_workers"),
+        ({"num_workers": 4, "min_workers": 2, "zero_stage": 0}, "needs zero_stage 1, 2 or 3"),
+    ],
+)
+def test_elastic_bounds(distributed: dict, refused: str | None) -> None:
+    if refused is None:
+        assert parse_spec(_with(distributed=distributed)).distributed.elastic
+    else:
+        assert refused in _problems(_with(distributed=distributed))["distributed"]
+
+
+def test_an_elastic_single_rank_keeps_its_zero_stage() -> None:
+    from tuneplane.spec import DistributedSpec, effective_zero_stage
+
+    assert effective_zero_stage(DistributedSpec(num_workers=4, zero_stage=2), 1) == 0
+    assert effective_zero_stage(DistributedSpec(num_workers=4, min_workers=1, zero_stage=2), 1) == 2
+
+
 def test_bad_template_placeholder_is_named() -> None:
     source = {
         "uri": "a.jsonl",

@@ -260,7 +260,9 @@ def check_memory(spec: TuningSpec, device_bytes: int | None, *, may_read: bool =
     shape, source = find_shape(spec.model.base, may_read=may_read)
     if shape is None:
         return MemoryCheck(None, device_bytes, source)
-    world = spec.distributed.num_workers
+    dist = spec.distributed
+    # An elastic job may shrink to min_workers: ZeRO then splits the states over fewer ranks.
+    world = dist.min_workers if dist.elastic and dist.min_workers else dist.num_workers
     checkpointing = checkpointing_enabled(spec, shape, world, device_bytes)
     return MemoryCheck(estimate(spec, shape, world, checkpointing=checkpointing), device_bytes, source)
 

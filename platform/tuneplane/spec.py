@@ -299,6 +299,14 @@ class DistributedSpec(_Strict):
     max_failures: int = Field(
         2, ge=0, le=100, description="Worker failures tolerated; each resumes from checkpoint."
     )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Elastic training: run with anywhere from min_workers to num_workers workers, as the cluster "
+        "has room, and resume on another number of workers after a node is lost (model and optimizer states "
+        "re-partitioned exactly, the data re-sharded so every example of the epoch is still trained once).",
+    )
 
     @field_validator("memory_per_worker")
     @classmethod
@@ -313,14 +321,24 @@ class DistributedSpec(_Strict):
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError("min_workers must not exceed num_workers")
+        if self.min_workers is not None and self.zero_stage == 0:
+            # A resize reloads through DeepSpeed's universal checkpoint, a ZeRO format.
+            raise ValueError("min_workers (elastic training) needs zero_stage 1, 2 or 3")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
 
 def effective_zero_stage(dist: DistributedSpec, world_size: int) -> int:
     """The ZeRO stage that really runs. ZeRO partitions across data-parallel ranks; with one rank there is
     nothing to partition and stages 1-3 only add buffer copies (measured: ZeRO-2 at 0.73x the tokens/s of
-    ZeRO-0 on one CPU worker), so a single rank runs stage 0. Offload needs a ZeRO stage: it keeps its own."""
-    single = world_size == 1 and not (dist.offload_optimizer or dist.offload_params)
+    ZeRO-0 on one CPU worker), so a single rank runs stage 0. Offload needs a ZeRO stage: it keeps its own, and
+    so does an elastic job, whose checkpoints must load on any number of workers."""
+    single = world_size == 1 and not (dist.offload_optimizer or dist.offload_params or dist.elastic)
     return 0 if single else dist.zero_stage
 
 

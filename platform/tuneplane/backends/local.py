@@ -56,8 +56,10 @@ class LocalBackend:
             "TUNEPLANE_ARTIFACT_ROOT": self.config.artifact_root,
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
+            # Each local job starts its own Ray: without an address Ray would join any cluster it finds running
+            # on this machine (another job's, a developer's), where the job may never get its CPUs.
+            "RAY_ADDRESS": "local",
         }
-        env.pop("RAY_ADDRESS", None)  # each local job starts its own Ray
         try:
             with open(folder / "train.log", "ab") as log:
                 proc = subprocess.Popen(

@@ -68,6 +68,15 @@ class Batch:
     def num_trained_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @classmethod
+    def idle(cls, pad_id: int, packed: bool) -> Batch:
+        """A batch of no data: one padding row with one target, for a rank whose data ran out before the
+        others' (its loss is multiplied by 0, but the step must still run every parameter's collectives)."""
+        ids = np.full((1, 2), pad_id, dtype=np.int64)
+        labels = np.array([[IGNORE_INDEX, pad_id]], dtype=np.int64)
+        mask = None if packed else np.ones((1, 2), dtype=np.int64)
+        return cls(ids, labels, np.arange(2)[None, :], mask, np.zeros((1, 2), dtype=bool), [[]])
+
     def to_torch(self, device: Any = "cpu") -> dict[str, Any]:
         import torch
 

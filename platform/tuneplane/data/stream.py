@@ -210,9 +210,7 @@ class InstructionStream:
         self.epoch = state["epoch"] if state else 0
         self._mix_block: tuple[int, np.ndarray] | None = None
         self._segments = SegmentTokenizer(tokenizer)
-        self._pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._rows = (
             BestFitPacker(data.max_seq_len, data.pack_buffer) if data.packing else FifoRows(micro_batch_size)
         )
@@ -243,7 +241,7 @@ class InstructionStream:
             if not rows:
                 self._start_next_epoch()
                 return
-            yield collate(rows, self._pad_id, packed=self.data.packing)
+            yield collate(rows, self.pad_id, packed=self.data.packing)
 
     def _epoch_over(self) -> bool:
         return all(r.cursor.done_in_epoch or r.empty for r in self.readers)

@@ -31,7 +31,7 @@ class RunSettings:
     storage_path: str  # Ray Train run storage (checkpoints): local folder or object-storage URI
     tracking_uri: str | None = None  # MLflow; None disables tracking
     artifact_root: str | None = None  # MLflow artifact location for new experiments
-    ray_address: str | None = None  # None: start (or join) a local Ray
+    ray_address: str | None = None  # None: start (or join) a local Ray; "local": always a new one
     accelerator_type: str | None = None  # from the job's GPU pool, e.g. "H100"
     example_log_dir: str | None = None  # each rank logs which records every step trained on (audits, tests)
     team: str | None = None  # the submitting team: owns the job's experiment and registered model
@@ -90,9 +90,10 @@ def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
         return
     # Locally: no dashboard (never exposed without auth) and enough logical CPUs for the workers.
     needed = int(dist_spec.num_workers * dist_spec.cpus_per_worker) + 1
+    starts_one = settings.ray_address in (None, "local")
     ray.init(
         address=settings.ray_address,
-        num_cpus=None if settings.ray_address else max(os.cpu_count() or 1, needed),
+        num_cpus=max(os.cpu_count() or 1, needed) if starts_one else None,
         include_dashboard=False,
         log_to_driver=True,
     )
@@ -115,7 +116,11 @@ def build_trainer(spec: TuningSpec, settings: RunSettings, run_id: str | None) -
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "settings": worker},
         scaling_config=ScalingConfig(
-            num_workers=dist_spec.num_workers,
+            # Elastic: Ray Train starts with as many workers as fit (at least min) and restarts the group on
+            # another number after a loss; the recipe then resumes through a resized checkpoint.
+            num_workers=(dist_spec.min_workers, dist_spec.num_workers)
+            if dist_spec.elastic
+            else dist_spec.num_workers,
             use_gpu=use_gpu,
             resources_per_worker=resources,
             # Fill a node before using the next: ranks of a node share NVLink and its pod (see kuberay_pods).

@@ -69,15 +69,17 @@ class StepWindow:
 
     def close(self, engine: Any, scheduler: Any) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
+        # A rank that only idled through this step (its data ran out first, see the recipe) has no loss.
+        mean = float(np.mean(self.losses)) if self.losses else 0.0
         stats = torch.tensor(
-            [float(np.mean(self.losses)), float(self.tokens)], dtype=torch.float64, device=self.device
+            [mean, float(self.tokens), float(bool(self.losses))], dtype=torch.float64, device=self.device
         )
         dist.all_reduce(stats)
         tokens = stats[1].item()
         grad_norm = engine.get_global_grad_norm()
         flops_per_s = self.flops_token * tokens / elapsed / self.world
         metrics = {
-            "loss": stats[0].item() / self.world,
+            "loss": stats[0].item() / max(stats[2].item(), 1.0),
             "lr": float(scheduler.get_last_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "tokens": tokens,

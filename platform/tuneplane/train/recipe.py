@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tuneplane.data import InstructionStream
+from tuneplane.data import Batch, InstructionStream
 from tuneplane.errors import SpecError
 from tuneplane.pretrained import load_tokenizer
 from tuneplane.spec import TuningSpec, parse_spec
@@ -129,15 +129,18 @@ class InstructionTuningRecipe:
         )  # fmt: skip
 
     def _steps_for_epochs(self) -> int:
-        """Optimizer steps in `epochs` passes: each rank counts its own batches, all take the minimum."""
+        """Optimizer steps in `epochs` passes: each rank counts its own batches; an epoch lasts as long as the
+        rank with the most (the others idle meanwhile)."""
         hp = self.spec.hyperparameters
         count = torch.tensor([sum(1 for _ in self._stream())])
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return max(1, int(count.item()) * (hp.epochs or 1) // hp.gradient_accumulation_steps)
 
     def _resume(self, checkpoint: Any) -> dict[str, Any]:
         with checkpoint.as_directory() as folder:
-            data_state, meta = checkpointing.read(Path(folder), self.engine, self.rank, self.world)
+            data_state, meta = checkpointing.read(
+                Path(folder), self.engine, self.rank, self.world, elastic=self.spec.distributed.elastic
+            )
         known = {f.name for f in fields(RecipeState)}
         self.state = RecipeState(**{k: v for k, v in meta.items() if k in known})
         self.state.resumes += 1
@@ -167,21 +170,25 @@ class InstructionTuningRecipe:
                 )
 
     def _train_epoch(self) -> None:
-        """One pass over this rank's stream, or until the last step."""
+        """One pass over this rank's stream, or until the last step. Ranks pack differently and run dry a few
+        batches apart: one that is done steps on idle batches (nothing trained) until every rank is, so each
+        example of the epoch is trained, once."""
         batches = iter(self.stream)
         while self.state.step < self.total_steps:
             batch = next(batches, None)
-            # Ranks pack differently and may run dry a batch apart: all stop when any does.
-            if not _all_ranks_have(batch is not None, self.device):
+            if not _any_rank_has(batch is not None, self.device):
                 self.state.epochs += 1
                 return
-            assert batch is not None
+            idle = batch is None
+            if batch is None:
+                batch = Batch.idle(self.stream.pad_id, self.spec.data.packing)
             loss = causal_lm_loss(self.engine, batch.to_torch(self.device))
-            self.engine.backward(loss)
+            self.engine.backward(loss * 0.0 if idle else loss)
             before = self.engine.global_steps
             self.engine.step()
-            self.window.add(loss.item(), batch.num_tokens)
-            self.step_keys += [key for row in batch.keys for key in row]
+            if not idle:
+                self.window.add(loss.item(), batch.num_tokens)
+                self.step_keys += [key for row in batch.keys for key in row]
             if self.engine.global_steps != before:  # an optimizer step, not only an accumulation
                 self._after_step()
 
@@ -206,7 +213,12 @@ class InstructionTuningRecipe:
     def _log_examples(self, step: int) -> None:
         if self.settings.example_log_dir:
             with (Path(self.settings.example_log_dir) / f"rank{self.rank}.jsonl").open("a") as fh:
-                entry = {"step": step, "node": self.node_id, "keys": self.step_keys}
+                entry = {
+                    "step": step,
+                    "attempt": self.state.resumes,
+                    "node": self.node_id,
+                    "keys": self.step_keys,
+                }
                 fh.write(json.dumps(entry) + "\n")
         self.step_keys = []
 
@@ -283,9 +295,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _all_ranks_have(flag: bool, device: torch.device) -> bool:
+def _any_rank_has(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
