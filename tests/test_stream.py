@@ -90,9 +90,16 @@ def test_resume_from_state_neither_repeats_nor_skips(tokenizer, tmp_path, packin
 
 def test_epochs_continue_and_state_carries_the_epoch(tokenizer, tmp_path) -> None:
     uri = _write_shards(tmp_path, "d", 1, 20)
-    stream = InstructionStream(_spec(SourceSpec(uri=uri, format="alpaca")), tokenizer, micro_batch_size=4)
-    epoch0, epoch1 = _keys(stream), _keys(stream)
-    assert stream.epoch == 2
+    spec = _spec(SourceSpec(uri=uri, format="alpaca"))
+    stream = InstructionStream(spec, tokenizer, micro_batch_size=4)
+    epoch0 = _keys(stream)
+    assert stream.exhausted and _keys(stream) == []  # the next epoch starts only when asked
+    state = json.loads(json.dumps(stream.state_dict()))  # e.g. a checkpoint while other ranks still train
+    resumed = InstructionStream(spec, tokenizer, micro_batch_size=4, state=state)
+    assert resumed.exhausted and _keys(resumed) == [] and resumed.epoch == 0
+    resumed.next_epoch()
+    epoch1 = _keys(resumed)
+    assert resumed.epoch == 1
     assert sorted(epoch0) == sorted(epoch1) and len(epoch0) == 20
 
 

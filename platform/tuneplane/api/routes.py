@@ -154,8 +154,8 @@ async def validate(
     max_records: Annotated[int, Query(ge=1, le=10_000)] = 200,
 ) -> ValidationReport:
     """Dry run: the spec, the team's policy and a bounded data preflight. Creates nothing."""
-    try:
-        admitted = admit(spec, caller, config)
+    try:  # off the event loop: the memory check may read a model's config.json from object storage
+        admitted = await run_in_threadpool(admit, spec, caller, config)
     except SpecError as exc:
         return _report(False, spec, exc.problems)
     return await run_in_threadpool(_dry_run, admitted, caller.team, config, max_records)

@@ -12,14 +12,20 @@ in, skips the records the old world took (`Handover.taken`), and owns the rest b
 sharding. The old ranks' unread buffers are dealt out round-robin. A rank that has itself resumed from a
 handover can be resharded again: handovers nest.
 
-Re-reading the earliest pass from its start costs at most one pass over the source per resize, unparsed for
-records another rank owns.
+Re-reading the earliest pass from its start costs at most one pass over the source per resize.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+
+
+def shards_by_file(files: int, world: int) -> bool:
+    """The sharding rule: whole files per rank when they divide evenly among several ranks, else record
+    striding (record j of a pass to rank j % world)."""
+    return world > 1 and files % world == 0
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Handover:
     cursors: tuple[OldCursor, ...]
     before: Handover | None = None  # the handover those ranks had themselves resumed from, if any
 
-    @property
+    @cached_property
     def last_pass(self) -> int:
         """The last pass this handover (or one it nests) still governs."""
         mine = max(c.pass_no for c in self.cursors)
@@ -67,7 +73,7 @@ class Handover:
         except in passes they were themselves taking over, which are read record by record."""
         if self.before is not None and self.before.governs(pass_no):
             return False
-        return self.world > 1 and files % self.world == 0
+        return shards_by_file(files, self.world)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -114,13 +120,16 @@ def reshard(states: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
 
 def _new_cursor(old_world: int, old: list[dict[str, Any]]) -> dict[str, Any]:
     """One source's cursor for every new rank: back to the start of the earliest pass an old rank was in."""
-    befores = {repr(c.get("handover")) for c in old}
-    if len(befores) != 1:
+    # A rank drops its handover once past the handover's last pass, others may still hold it: all that do
+    # hold the same one (a rank without it took nothing the handover describes differently).
+    befores = {repr(c["handover"]) for c in old if c.get("handover") is not None}
+    if len(befores) > 1:
         raise ValueError("old ranks resumed from different handovers: not one checkpoint")
+    before = next((c["handover"] for c in old if c.get("handover") is not None), None)
     handover = Handover(
         old_world,
         tuple(OldCursor(c["pass_no"], c["file_index"], c["line"], c["seen"]) for c in old),
-        Handover.from_state(old[0].get("handover")),
+        Handover.from_state(before),
     )
     return {
         "pass_no": min(c["pass_no"] for c in old),

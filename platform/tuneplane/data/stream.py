@@ -23,7 +23,7 @@ import numpy as np
 from tuneplane.data.formats import to_conversation
 from tuneplane.data.packing import Batch, BestFitPacker, Example, FifoRows, collate
 from tuneplane.data.records import RawRecord, expand, file_kind, read_records
-from tuneplane.data.reshard import Handover
+from tuneplane.data.reshard import Handover, shards_by_file
 from tuneplane.data.templates import IGNORE_INDEX, SegmentTokenizer, render
 from tuneplane.errors import MAX_ECHO, DataError, FormatError, clip
 from tuneplane.spec import DataSpec, SourceSpec
@@ -105,7 +105,7 @@ class SourceReader:
         self.files = expand(spec.uri)
         for uri in self.files:
             file_kind(uri)  # fail fast on unknown extensions
-        self.by_file = world_size > 1 and len(self.files) % world_size == 0
+        self.by_file = shards_by_file(len(self.files), world_size)
         self.cursor = cursor or SourceCursor()
         self._handover = Handover.from_state(self.cursor.handover)
         self._columns = required_columns(spec)
@@ -126,7 +126,7 @@ class SourceReader:
 
     def _owns(self, c: SourceCursor) -> bool:
         """Whether this rank owns the record the cursor is on (`c.line`, the `c.seen`-th of the pass)."""
-        if self._handover is not None and self._handover.governs(c.pass_no):
+        if self._handover is not None and self._taking_over(c.pass_no):
             taken = self._handover.taken(c.pass_no, c.file_index, c.line, c.seen, len(self.files))
             return not taken and c.seen % self.world_size == self.rank
         return self._by_file(c.pass_no) or c.seen % self.world_size == self.rank
@@ -150,9 +150,11 @@ class SourceReader:
                             c.owned_in_pass += 1
                             yield record
                 except DataError as exc:  # the rest of this file is unreadable: report it, go on to the next
+                    reported = self._reports_file_error(c, exc.line or 0)
                     c.line = 0
                     c.file_index += 1
-                    yield RawRecord(exc.uri, exc.line or 0, None, exc.reason)
+                    if reported:
+                        yield RawRecord(exc.uri, exc.line or 0, None, exc.reason)
                     continue
                 c.file_index, c.line = c.file_index + 1, 0
             # Never loop over an empty shard (a pass taken over may leave this rank nothing: that is not one).
@@ -162,6 +164,15 @@ class SourceReader:
                 self._handover, c.handover = None, None
             c.done_in_epoch = True
             yield None
+
+    def _reports_file_error(self, c: SourceCursor, line: int) -> bool:
+        """Whether this rank reports an unreadable rest of a file: in a pass taken over, only where the old world
+        had not reached it, and by one new rank (every rank reads every file then)."""
+        if self._handover is None or not self._taking_over(c.pass_no):
+            return True
+        if c.file_index % self.world_size != self.rank:
+            return False
+        return not self._handover.taken(c.pass_no, c.file_index, line, c.seen, len(self.files))
 
     def _wanted(self, record: RawRecord) -> bool:
         if self.holdout is None:
@@ -173,8 +184,10 @@ class SourceReader:
 class InstructionStream:
     """Packed (or padded) batches of prompt-masked examples for one data-parallel rank.
 
-    Iterating yields one epoch. Call `state_dict()` between batches to checkpoint; pass it back as `state`
-    to continue with exactly the next example: nothing repeated, nothing skipped.
+    Iterating yields the rest of the current epoch; `next_epoch()` starts the next one (a trainer calls it once
+    every rank is `exhausted`, so ranks never disagree on the epoch, not even in a checkpoint). Call
+    `state_dict()` between batches to checkpoint; pass it back as `state` to continue with exactly the next
+    example: nothing repeated, nothing skipped.
     """
 
     def __init__(
@@ -239,14 +252,18 @@ class InstructionStream:
                     break
                 rows.append(self._rows.pop_row())
             if not rows:
-                self._start_next_epoch()
                 return
             yield collate(rows, self.pad_id, packed=self.data.packing)
 
     def _epoch_over(self) -> bool:
         return all(r.cursor.done_in_epoch or r.empty for r in self.readers)
 
-    def _start_next_epoch(self) -> None:
+    @property
+    def exhausted(self) -> bool:
+        """Every source read through this epoch and nothing left to emit."""
+        return self._epoch_over() and not len(self._rows)
+
+    def next_epoch(self) -> None:
         self.epoch += 1
         for reader in self.readers:
             reader.cursor.done_in_epoch = False

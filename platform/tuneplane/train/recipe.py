@@ -170,20 +170,23 @@ class InstructionTuningRecipe:
                 )
 
     def _train_epoch(self) -> None:
-        """One pass over this rank's stream, or until the last step. Ranks pack differently and run dry a few
-        batches apart: one that is done steps on idle batches (nothing trained) until every rank is, so each
-        example of the epoch is trained, once."""
+        """The rest of this epoch, or until the last step. Ranks pack differently and run dry a few batches
+        apart: one that is done steps on idle batches (nothing trained) until every rank is, so each example of
+        the epoch is trained, once; only then do all start the next epoch together."""
         batches = iter(self.stream)
         while self.state.step < self.total_steps:
             batch = next(batches, None)
-            if not _any_rank_has(batch is not None, self.device):
+            active = _ranks_with_data(batch is not None, self.device)
+            if not active:
+                self.stream.next_epoch()
                 self.state.epochs += 1
                 return
             idle = batch is None
             if batch is None:
                 batch = Batch.idle(self.stream.pad_id, self.spec.data.packing)
             loss = causal_lm_loss(self.engine, batch.to_torch(self.device))
-            self.engine.backward(loss * 0.0 if idle else loss)
+            # DeepSpeed averages gradients over all ranks: weigh the ones with data so the update is their mean.
+            self.engine.backward(loss * (0.0 if idle else self.world / active))
             before = self.engine.global_steps
             self.engine.step()
             if not idle:
@@ -295,10 +298,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _any_rank_has(flag: bool, device: torch.device) -> bool:
+def _ranks_with_data(flag: bool, device: torch.device) -> int:
     value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    dist.all_reduce(value)
+    return int(value.item())
 
 
 @contextmanager
