@@ -26,6 +26,7 @@ from tuneplane.train import RunSettings, run
 pytestmark = pytest.mark.slow
 
 EPOCH = 600  # records in the elastic test's one epoch
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -165,24 +166,19 @@ def test_workers_on_two_nodes_with_everything_on_object_storage(
 
 
 def _kill_node_after_first_checkpoint(
-    cluster: LoopbackCluster,
-    victim: LoopbackNode,
-    prefix: str,
-    killed: list[int],
-    world: int,
-    replace: bool = True,
+    cluster: LoopbackCluster, victim: LoopbackNode, prefix: str, killed: list[int], replace: bool = True
 ) -> None:
-    """Kill the node once a checkpoint is whole on S3 (every rank's part uploaded, so Ray registers it: a
-    checkpoint folder appears as soon as the first rank uploads)."""
+    """Kill the node once Ray Train has registered a checkpoint (its checkpoint manager's snapshot on S3 lists
+    one): a checkpoint folder appears with the first rank's upload, and even a complete one is only used once
+    the controller has taken every rank's report."""
     import s3fs
 
     fs = s3fs.S3FileSystem(anon=False)
+    snapshot = f"{prefix}/{CHECKPOINT_SNAPSHOT}"
     deadline = time.time() + 600
     while time.time() < deadline:
         fs.invalidate_cache()
-        if any(
-            len(fs.glob(f"{folder}/data/rank*.json")) == world for folder in fs.glob(f"{prefix}/checkpoint_*")
-        ):
+        if fs.exists(snapshot) and json.loads(fs.cat(snapshot))["checkpoint_results"]:
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             killed.extend(cluster.kill_node(victim))
             if replace:
@@ -211,7 +207,7 @@ def test_a_killed_node_is_replaced_and_the_job_resumes_from_s3_exactly(
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_node_after_first_checkpoint,
-        args=(cluster, victim, f"{bucket}/runs/{job_id}", killed, 2),
+        args=(cluster, victim, f"{bucket}/runs/{job_id}", killed),
     )
     killer.start()
     faulty = run(spec, _settings(bucket, tracking, job_id, tmp_path / "faulty"))
@@ -264,7 +260,7 @@ def test_an_elastic_job_goes_on_with_fewer_workers_and_trains_every_example_once
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_node_after_first_checkpoint,
-        args=(cluster, cluster.nodes[-1], f"{bucket}/runs/{job_id}", killed, 4, False),
+        args=(cluster, cluster.nodes[-1], f"{bucket}/runs/{job_id}", killed, False),
     )
     killer.start()
     elastic = run(spec, _settings(bucket, tracking, job_id, tmp_path / "elastic"))

@@ -189,12 +189,20 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
     assert len(answers) == 2 and all(a in {"even", "odd"} for a in answers), answers
 
 
+def _registered_checkpoints(snapshot: Path) -> list[Any]:
+    try:
+        return json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return []
+
+
 def _kill_a_worker_after_first_checkpoint(storage: Path, job_id: str, killed: list[int]) -> None:
     import psutil
 
     deadline = time.time() + 600
     while time.time() < deadline:
-        if list((storage / job_id).glob("checkpoint_*")):
+        # Once Ray Train has registered a checkpoint (a folder appears with the first rank's upload already).
+        if _registered_checkpoints(storage / job_id / "checkpoint_manager_snapshot.json"):
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             for proc in psutil.process_iter(["cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
