@@ -129,7 +129,7 @@ class SourceReader:
         if self._handover is not None and self._taking_over(c.pass_no):
             taken = self._handover.taken(c.pass_no, c.file_index, c.line, c.seen, len(self.files))
             return not taken and c.seen % self.world_size == self.rank
-        return self._by_file(c.pass_no) or c.seen % self.world_size == self.rank
+        return self.by_file or c.seen % self.world_size == self.rank  # not taking over: the world's own rule
 
     def next(self) -> RawRecord | None:
         """The next owned record; None when a pass ends (the cursor then points at the next pass)."""
