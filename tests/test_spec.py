@@ -218,3 +218,49 @@ def test_json_schema_exports_and_forbids_extras() -> None:
 def test_round_trip() -> None:
     spec = load_spec(REPO / "jobs" / "llama3-70b-lora-zero3.yaml")
     assert TuningSpec.model_validate(spec.to_dict()) == spec
+
+
+_TASK = {"uri": "s3://data/arith.jsonl", "format": "alpaca", "name": "arith"}
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "where", "says"),
+    [
+        (
+            {"gate": {"tasks": {"nope": {"min": 0.5}}}},
+            "eval.gate.tasks.nope",
+            "no zero-shot source or lm_eval task",
+        ),
+        ({"gate": {"keep": {"other": 0.1}}}, "eval.gate.keep.other", "known: arith"),
+        ({"gate": {"tasks": {"arith": {}}}}, "eval.gate.tasks.arith", "give `min`, `min_gain` or both"),
+        ({"gate": {"keep": {"arith": 2}}}, "eval.gate.keep.arith", "less than or equal to 1"),
+    ],
+)
+def test_gate_conditions_name_known_tasks(evaluation: dict, where: str, says: str) -> None:
+    problems = _problems(_with(eval={"zero_shot_sources": [_TASK], **evaluation}))
+    assert says in problems[where], problems
+
+
+def test_gate_may_name_zero_shot_and_lm_eval_tasks() -> None:
+    spec = parse_spec(
+        _with(
+            eval={
+                "zero_shot_sources": [_TASK],
+                "lm_eval": {"tasks_dir": "s3://evals/tasks", "tasks": ["tiny_qa"]},
+                "gate": {
+                    "eval_loss_improves": True,
+                    "tasks": {"tiny_qa": {"min_gain": 0.1}},
+                    "keep": {"arith": 0.02},
+                },
+            }
+        )
+    )
+    assert spec.eval.task_names() == {"arith", "tiny_qa"}
+    assert spec.eval.gate is not None and spec.eval.gate.keep == {"arith": 0.02}
+
+
+def test_data_quality_fields() -> None:
+    spec = parse_spec(_with(data__dedup="near", data__decontaminate=True))
+    assert (spec.data.dedup, spec.data.near_dup_threshold, spec.data.contamination_ngram) == ("near", 0.8, 13)
+    assert "data.dedup" in _problems(_with(data__dedup="fuzzy"))
+    assert "data.near_dup_threshold" in _problems(_with(data__near_dup_threshold=0.2))

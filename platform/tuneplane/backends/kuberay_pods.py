@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from tuneplane.config import GpuPool
-from tuneplane.config.quantity import bytes_quantity, quantity_bytes
+from tuneplane.quantity import bytes_quantity, quantity_bytes
 from tuneplane.spec import DistributedSpec
 
 FULL_GROUP, PARTIAL_GROUP = "workers", "workers-partial"

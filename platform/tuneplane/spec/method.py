@@ -1,0 +1,63 @@
+"""Training methods: LoRA (with DoRA, rsLoRA, QLoRA), full and partial fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from tuneplane.spec._fields import _Strict
+
+
+class LoraMethod(_Strict):
+    type: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(
+        32,
+        ge=1,
+        le=65_536,
+        description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).",
+    )
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: (
+        Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=256)] | Literal["all-linear"]
+    ) = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+    modules_to_save: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] when the "
+        "template adds tokens the base model never learned.",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: train each adapted weight's magnitude apart from its direction; closer to full tuning "
+        "at low rank, for a slower step and one extra vector per adapted module.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="Rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r, so large ranks keep "
+        "learning instead of being scaled down.",
+    )
+    quantize: Literal["none", "4bit"] = Field(
+        "none",
+        description="`4bit` = QLoRA: the frozen base weights held in 4-bit NF4 (bitsandbytes), about a quarter of "
+        "their 16-bit memory; GPU workers only, ZeRO stage 0-2.",
+    )
+
+
+class FullMethod(_Strict):
+    type: Literal["full"] = "full"
+
+
+class PartialMethod(_Strict):
+    type: Literal["partial"] = "partial"
+    last_n_layers: int = Field(
+        ge=1, description="Train only the last N transformer blocks (and the final norm)."
+    )
+    train_lm_head: bool = Field(True, description="Also train the output projection.")
+
+
+Method = Annotated[LoraMethod | FullMethod | PartialMethod, Field(discriminator="type")]
