@@ -262,3 +262,36 @@ def test_chunked_loss_under_zero3_trains_exactly_like_hf(tiny_dir) -> None:
             hf = [v for r, n, loss, v in rows if (r, n, loss) == (rank, name, "hf")]
             ours = [v for r, n, loss, v in rows if (r, n, loss) == (rank, name, "ours")]
             assert len(hf) == 3 and ours == pytest.approx(hf, abs=1e-5), (rank, name, hf, ours)
+
+
+def test_per_source_tally_splits_the_same_loss_by_source(tiny_dir, tokenizer) -> None:
+    """The mixture actually trained: per-source loss sums and target counts, taken from the loss's own per-token
+    values, equal a direct computation from the full logits grouped by each token's source."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from tuneplane.train.loss import SourceTally
+
+    other = DATA.with_name("tasks-messages.jsonl")
+    data = DataSpec(
+        sources=[SourceSpec(uri=str(DATA), format="alpaca"), SourceSpec(uri=str(other), format="messages")],
+        max_seq_len=256,
+    )
+    batch = next(iter(InstructionStream(data, tokenizer, micro_batch_size=3)))
+    rows = batch.to_torch()
+    tally = SourceTally(batch.target_sources(), 2, torch.device("cpu"))
+    model = _lora_model(tiny_dir)
+    with torch.no_grad():
+        mean = causal_lm_loss(model, rows, chunk_tokens=7, tally=tally).item()
+        logits = model(**rows, use_cache=False).logits.float()
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), rows["labels"][:, 1:].reshape(-1), reduction="none"
+    ).reshape(logits.shape[0], -1)
+    scored = batch.labels[:, 1:] != -100
+    source = batch.sources[:, 1:]
+    assert set(np.unique(source[scored]).tolist()) == {0, 1}  # both sources trained in this batch
+    for i in range(2):
+        mine = scored & (source == i)
+        assert tally.count[i].item() == mine.sum()
+        assert tally.loss[i].item() == pytest.approx(per_token[torch.from_numpy(mine)].sum().item(), rel=1e-5)
+    assert tally.loss.sum().item() / tally.count.sum().item() == pytest.approx(mean, rel=1e-6)

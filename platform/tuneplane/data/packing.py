@@ -54,6 +54,14 @@ class Batch:
     attention_mask: np.ndarray | None
     real_token_mask: np.ndarray  # True where a row holds a real token, False on padding
     keys: list[list[str]] = field(default_factory=list)  # record keys per row, for accounting and tests
+    sources: np.ndarray | None = None  # [rows, length] source index of each token, -1 on padding
+
+    def target_sources(self) -> np.ndarray:
+        """The source of every scored target, in the order the loss visits them (row-major over the shifted
+        labels): what per-source loss and trained-token counts are tallied by."""
+        assert self.sources is not None
+        targets = self.labels[:, 1:] != IGNORE_INDEX
+        return self.sources[:, 1:][targets].astype(np.int64)
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +83,8 @@ class Batch:
         ids = np.full((1, 2), pad_id, dtype=np.int64)
         labels = np.array([[IGNORE_INDEX, pad_id]], dtype=np.int64)
         mask = None if packed else np.ones((1, 2), dtype=np.int64)
-        return cls(ids, labels, np.arange(2)[None, :], mask, np.zeros((1, 2), dtype=bool), [[]])
+        real, sources = np.zeros((1, 2), dtype=bool), np.full((1, 2), -1, dtype=np.int16)
+        return cls(ids, labels, np.arange(2)[None, :], mask, real, [[]], sources)
 
     def to_torch(self, device: Any = "cpu") -> dict[str, Any]:
         import torch
@@ -176,6 +185,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, length: int | 
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     real = np.zeros((len(rows), width), dtype=bool)
+    sources = np.full((len(rows), width), -1, dtype=np.int16)
     for r, row in enumerate(rows):
         at = 0
         for example in row:
@@ -187,10 +197,10 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, length: int | 
             labels[r, at] = IGNORE_INDEX
             position_ids[r, at : at + n] = np.arange(n)
             real[r, at : at + n] = True
+            sources[r, at : at + n] = example.source
             at += n
         # Padding gets its own position run, so it forms a separate (ignored) "sequence" in packed mode.
         position_ids[r, at:] = np.arange(width - at)
     attention_mask = None if packed else real.astype(np.int64)
-    return Batch(
-        input_ids, labels, position_ids, attention_mask, real, [[e.key for e in row] for row in rows]
-    )
+    keys = [[e.key for e in row] for row in rows]
+    return Batch(input_ids, labels, position_ids, attention_mask, real, keys, sources)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,11 +27,29 @@ from tuneplane.data.templates import IGNORE_INDEX
 from tuneplane.memory import LOSS_CHUNK_TOKENS
 
 
+class SourceTally:
+    """Per data source: the summed loss of its scored targets and how many there are, for one micro-batch
+    (what the run's per-source loss and trained-token curves are made of). Filled from the same per-token
+    losses the mean is taken of, detached: it costs no extra projection."""
+
+    def __init__(self, target_sources: np.ndarray, sources: int, device: torch.device):
+        self.ids = torch.from_numpy(target_sources).to(device)  # Batch.target_sources(), one per target
+        self.loss = torch.zeros(sources, dtype=torch.float64, device=device)
+        self.count = torch.bincount(self.ids, minlength=sources).to(torch.float64)
+
+    def add(self, rows: slice, token_losses: torch.Tensor) -> None:
+        self.loss.index_add_(0, self.ids[rows], token_losses.detach().to(torch.float64))
+
+
 def causal_lm_loss(
-    model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    tally: SourceTally | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `batch` (the dict of `Batch.to_torch`) under `model`: a DeepSpeed
-    engine, a PEFT model or a plain HF causal LM."""
+    engine, a PEFT model or a plain HF causal LM. With a `tally`, per-source sums are added to it (except on
+    Liger's fused kernel, which gives the mean only)."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     no_position = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     # The decoder's output (after the final norm) is taken by a hook rather than `output_hidden_states`, which
@@ -41,11 +60,15 @@ def causal_lm_loss(
         model(**inputs, use_cache=False, logits_to_keep=no_position)
     finally:
         hook.remove()
-    return head_loss(model.get_output_embeddings(), final[-1], batch["labels"], chunk_tokens)
+    return head_loss(model.get_output_embeddings(), final[-1], batch["labels"], chunk_tokens, tally)
 
 
 def head_loss(
-    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    tally: SourceTally | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `head(hidden)` against `labels` shifted by one, projecting only the scored positions."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
@@ -67,20 +90,23 @@ def head_loss(
     for part in range(_chunk_count(len(targets), chunk_tokens, zero3, hidden.device)):
         rows = slice(part * chunk_tokens, (part + 1) * chunk_tokens)
         if torch.is_grad_enabled():
-            total = total + checkpoint(
-                _summed_loss, head, hidden[rows], targets[rows], use_reentrant=False, determinism_check=check
+            token_losses = checkpoint(
+                _token_losses, head, hidden[rows], targets[rows], use_reentrant=False, determinism_check=check
             )
         else:
-            total = total + _summed_loss(head, hidden[rows], targets[rows])
+            token_losses = _token_losses(head, hidden[rows], targets[rows])
+        total = total + token_losses.sum()
+        if tally is not None:
+            tally.add(rows, token_losses)
     # No scored token (every label masked) gives 0 rather than HF's 0/0 = NaN, which would poison the weights.
     return total / max(len(targets), 1)
 
 
-def _summed_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # The head is called as a module, never through `.weight`: under ZeRO-3 its pre-forward hook gathers the
     # partitioned weight (here and again in the backward recompute), and PEFT wrappers route to their copy.
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _chunk_count(tokens: int, chunk_tokens: int, zero3: bool, device: torch.device) -> int:

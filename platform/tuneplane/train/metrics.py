@@ -3,6 +3,7 @@ micro-steps into one set of logged metrics."""
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tuneplane.spec import LoraMethod, TuningSpec
+from tuneplane.spec import DataSpec, LoraMethod, TuningSpec
+from tuneplane.train.loss import SourceTally
 
 # Dense bf16 peak of common training GPUs (FLOP/s), for MFU. Unknown devices report MFU as 0.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -54,18 +56,51 @@ def memory_gb(device: torch.device) -> float:
 
 
 class StepWindow:
-    """Accumulates the micro-steps between two optimizer steps into one set of metrics (averaged over ranks)."""
+    """Accumulates the micro-steps between two optimizer steps into one set of metrics (averaged over ranks),
+    with the mixture actually trained: per data source, trained tokens so far and this step's loss."""
 
-    def __init__(self, device: torch.device, world: int, flops_token: float) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        world: int,
+        flops_token: float,
+        source_names: list[str] | None = None,
+        source_tokens: list[float] | None = None,
+    ) -> None:
         self.device, self.world, self.flops_token = device, world, flops_token
         self.peak = peak_flops(device)
         self.losses: list[float] = []
         self.tokens = 0
         self.started = time.perf_counter()
+        self.source_names = source_names or []
+        n = len(self.source_names)
+        # Trained tokens per source since the run began, the same on every rank (summed over ranks each step).
+        self.source_totals = list(source_tokens) if source_tokens else [0.0] * n
+        self._source_loss = torch.zeros(n, dtype=torch.float64, device=device)
+        self._source_count = torch.zeros(n, dtype=torch.float64, device=device)
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, tally: SourceTally | None = None) -> None:
         self.losses.append(loss)
         self.tokens += tokens
+        if tally is not None:
+            self._source_loss += tally.loss
+            self._source_count += tally.count
+
+    def _close_sources(self) -> dict[str, float]:
+        if not self.source_names:
+            return {}
+        both = torch.stack([self._source_loss, self._source_count])
+        dist.all_reduce(both)
+        out = {}
+        for i, name in enumerate(self.source_names):
+            loss, count = both[0, i].item(), both[1, i].item()
+            self.source_totals[i] += count
+            out[f"source_tokens/{name}"] = self.source_totals[i]
+            if count:
+                out[f"source_loss/{name}"] = loss / count
+        self._source_loss.zero_()
+        self._source_count.zero_()
+        return out
 
     def close(self, engine: Any, scheduler: Any) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
@@ -89,5 +124,12 @@ class StepWindow:
             "tflops_per_device": flops_per_s / 1e12,
             "mfu": flops_per_s / self.peak if self.peak else 0.0,
         }
+        metrics |= self._close_sources()
         self.losses, self.tokens, self.started = [], 0, time.perf_counter()
         return metrics
+
+
+def source_names(data: DataSpec) -> list[str]:
+    """Metric names of the training sources: their display names, made unique by position where two agree."""
+    names = [re.sub(r"[^\w.\- ]", "_", s.display_name) for s in data.sources]  # MLflow's key characters
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]

@@ -37,8 +37,8 @@ from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
 from tuneplane.train import checkpointing, evaluate
 from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
-from tuneplane.train.loss import causal_lm_loss
-from tuneplane.train.metrics import StepWindow, count_params, flops_per_token
+from tuneplane.train.loss import SourceTally, causal_lm_loss
+from tuneplane.train.metrics import StepWindow, count_params, flops_per_token, source_names
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class RecipeState:
     tokens: int = 0  # tokens trained on
     resumes: int = 0  # times training resumed from a checkpoint (worker or node lost, driver re-run)
     base_zero_shot: dict[str, float] | None = None  # the base model's scores, measured once
+    base_eval_loss: float | None = None  # the base model's eval loss, measured once
+    source_tokens: list[float] | None = None  # trained tokens per training source so far
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -115,11 +117,25 @@ class InstructionTuningRecipe:
             self.engine.enable_backward_allreduce = False
         data_state = self._resume(checkpoint) if checkpoint else None
         self.stream = self._stream(state=data_state)
-        self.window = StepWindow(self.device, self.world, flops_per_token(spec, params))
-        if self.state.base_zero_shot is None and spec.eval.zero_shot_sources:
+        self.sources = source_names(spec.data)
+        self.window = StepWindow(
+            self.device, self.world, flops_per_token(spec, params), self.sources, self.state.source_tokens
+        )
+        self._measure_base()
+        return True
+
+    def _measure_base(self) -> None:
+        """The untouched model's eval loss and zero-shot scores, once per job (a resumed run keeps them)."""
+        if self.state.base_eval_loss is None and self._has_eval_data():
+            self.state.base_eval_loss = self._eval_loss()["eval_loss"]
+            self.run.report({"eval_loss_base": self.state.base_eval_loss}, step=0)
+        if self.state.base_zero_shot is None and self.spec.eval.zero_shot_sources:
             self.state.base_zero_shot = self._zero_shot()
             self.run.report({f"zero_shot_base/{k}": v for k, v in self.state.base_zero_shot.items()}, step=0)
-        return True
+        self.engine.train()
+
+    def _has_eval_data(self) -> bool:
+        return bool(self.spec.data.eval_sources) or self.spec.data.holdout_fraction > 0
 
     def _stream(self, state: dict[str, Any] | None = None) -> InstructionStream:
         hp = self.spec.hyperparameters
@@ -184,13 +200,14 @@ class InstructionTuningRecipe:
             idle = batch is None
             if batch is None:
                 batch = Batch.idle(self.stream.pad_id, self.spec.data.packing)
-            loss = causal_lm_loss(self.engine, batch.to_torch(self.device))
+            tally = None if idle else SourceTally(batch.target_sources(), len(self.sources), self.device)
+            loss = causal_lm_loss(self.engine, batch.to_torch(self.device), tally=tally)
             # DeepSpeed averages gradients over all ranks: weigh the ones with data so the update is their mean.
             self.engine.backward(loss * (0.0 if idle else self.world / active))
             before = self.engine.global_steps
             self.engine.step()
             if not idle:
-                self.window.add(loss.item(), batch.num_tokens)
+                self.window.add(loss.item(), batch.num_tokens, tally)
                 self.step_keys += [key for row in batch.keys for key in row]
             if self.engine.global_steps != before:  # an optimizer step, not only an accumulation
                 self._after_step()
@@ -230,8 +247,13 @@ class InstructionTuningRecipe:
     def evaluate(self) -> dict[str, Any]:
         """The final metrics: eval loss when there is held-out data, zero-shot accuracy before and after."""
         final: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
-        if self.spec.data.eval_sources or self.spec.data.holdout_fraction > 0:
+        final |= {
+            f"source_tokens/{n}": t for n, t in zip(self.sources, self.window.source_totals, strict=True)
+        }
+        if self._has_eval_data():
             final.update(self._eval_loss())
+            if self.state.base_eval_loss is not None:
+                final["eval_loss_base"] = self.state.base_eval_loss
         if self.spec.eval.zero_shot_sources:
             final.update({f"zero_shot/{k}": v for k, v in self._zero_shot().items()})
             final.update({f"zero_shot_base/{k}": v for k, v in (self.state.base_zero_shot or {}).items()})
@@ -249,6 +271,7 @@ class InstructionTuningRecipe:
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Ray registers the checkpoint only once every rank has reported: a partial one is never used."""
         stream_state = self.stream.state_dict()
+        self.state.source_tokens = list(self.window.source_totals)
         with _report_folder("ckpt") as folder:
             checkpointing.write(folder, self.engine, stream_state, self.rank, self.world, asdict(self.state))
             _report(metrics | {"step": self.state.step}, folder)
