@@ -1,7 +1,9 @@
-"""Data pipeline benchmark: packing efficiency, single-core throughput, S3 (moto) vs local reads.
+"""Data pipeline benchmark: packing efficiency, single-core throughput, S3 (moto) vs local reads, and the
+cost of the duplicate and contamination checks.
 
 Prints one table of side-by-side figures measured in this run. Goals (issue #2): packed efficiency >= 0.98,
-full pipeline >= 200k tokens/s on one core, S3/local read throughput >= 0.5.
+full pipeline >= 200k tokens/s on one core, S3/local read throughput >= 0.5; (issue #12) the preflight with
+quality checks keeps >= 0.5 of the throughput without them.
 
     python bench/data_pipeline.py [--records 20000] [--quick]
 """
@@ -31,9 +33,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tuneplane.data import InstructionStream  # noqa: E402
+from tuneplane.data import InstructionStream, preflight  # noqa: E402
+from tuneplane.data.quality import build_filter  # noqa: E402
 from tuneplane.data.records import read_records  # noqa: E402
-from tuneplane.spec import DataSpec, SourceSpec  # noqa: E402
+from tuneplane.spec import DataSpec, SourceSpec, TuningSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import make_dataset, make_tokenizer  # noqa: E402
@@ -61,6 +64,32 @@ def read_throughput(uri: str, nbytes: int, desc: str) -> float:
     for _ in tqdm(read_records(uri), desc=desc, unit="rec", leave=False, disable=None):
         pass
     return nbytes / (time.perf_counter() - start)
+
+
+def quality_rates(train: Path, heldout: Path, tokenizer) -> dict[str, float]:
+    """Records/s of the preflight (training set + an eval set) without and with the quality checks (best of
+    two runs each: the machine is shared), and of the training drop-set pass (near dedup + decontamination)."""
+    sources = {"sources": [{"uri": str(train), "format": "alpaca"}]}
+    spec = TuningSpec.model_validate(
+        {
+            "name": "bench",
+            "model": {"base": "unused"},
+            "data": {**sources, "eval_sources": [{"uri": str(heldout), "format": "alpaca"}]},
+        }
+    )
+    rates: dict[str, float] = {}
+    for label, quality in (("plain", False), ("quality", True)) * 2:
+        start = time.perf_counter()
+        report = preflight(spec, tokenizer, samples=0, quality=quality)
+        records = sum(s.stats.records for s in report.sources)
+        rates[label] = max(rates.get(label, 0.0), records / (time.perf_counter() - start))
+    checks = spec.model_copy(
+        update={"data": spec.data.model_copy(update={"dedup": "near", "decontaminate": True})}
+    )
+    start = time.perf_counter()
+    built = build_filter(checks, seed=0)
+    rates["filter"] = built.figures["records"] / (time.perf_counter() - start)
+    return rates
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -114,6 +143,9 @@ def main() -> None:
             DataSpec(sources=[source], max_seq_len=MAX_SEQ_LEN, packing=False), tokenizer, "padded"
         )
         full_pad = padded["tokens"] / (np.ceil(records / 8) * 8 * MAX_SEQ_LEN)
+        (work / "heldout").mkdir()
+        heldout = make_dataset(work / "heldout", max(records // 10, 200), seed=1)
+        quality = quality_rates(data, heldout, tokenizer)
 
         proc, _ = start_moto()
         try:
@@ -172,6 +204,21 @@ def main() -> None:
         f"{s3_bps / 1e6:.1f}",
         f"{s3_bps / local_bps:.2f} of local",
         ">= 0.5",
+    )
+    table.add_row(
+        "preflight records/s, no quality checks (read+render+tokenize)", f"{quality['plain']:,.0f}", "", ""
+    )
+    table.add_row(
+        "  with quality checks (exact + near dups, contamination)",
+        f"{quality['quality']:,.0f}",
+        f"{quality['quality'] / quality['plain']:.2f} of without",
+        ">= 0.5",
+    )
+    table.add_row(
+        "drop-set pass records/s (near dedup + decontaminate, no tokenizing)",
+        f"{quality['filter']:,.0f}",
+        "",
+        "",
     )
     console.print(table)
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -184,9 +184,34 @@ def _print_report(report: PreflightReport) -> None:
                 Text(f"--- sample from {s.name} (trained in green, masked dimmed) ---", style="cyan")
             )
             console.print(text)
+    _print_quality(report.quality)
     for error in report.errors():
         err_console.print(f"[bold red]error[/] {error}", highlight=False)
     console.print("[green]data ok[/]" if report.ok else "[red]data has errors[/]")
+
+
+def _print_quality(quality: dict[str, Any]) -> None:
+    """The duplicate and contamination summary, and its example pairs as `uri:line ~ uri:line` (unwrapped:
+    the keys must stay copyable)."""
+    if not quality:
+        return
+    console.print(f"[bold]quality[/] {escape(quality['summary'])}", highlight=False, soft_wrap=True)
+    for name, figures in quality["dedup"].items():
+        for pair in figures["pairs"]:
+            console.print(
+                f"  {pair['kind']} duplicate in {escape(name)}: {escape(pair['first'])} ~ "
+                f"{escape(pair['duplicate'])}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    for name, figures in quality["contamination"].items():
+        for pair in figures["pairs"]:
+            console.print(
+                f"  [yellow]contaminated[/] {escape(name)} ({pair['kind']}): {escape(pair['eval'])} ~ "
+                f"{escape(pair['train'])}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command()

@@ -1,17 +1,22 @@
 """Data preflight: scan (or sample) every source of a spec the way training will read it, and report.
 
 Counts per source, malformed records as `uri:line: reason`, token-length histogram, truncation, the share
-of tokens trained on, and a few rendered samples with masked and trained spans told apart.
+of tokens trained on, and a few rendered samples with masked and trained spans told apart. In the same pass,
+the quality section (data/quality.py): exact and near duplicates within and across training sources, and the
+eval sets' overlap with training data. Eval sets are scanned first so training records are only streamed.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tuneplane.data.quality import Item, QualityScan
 from tuneplane.data.records import RawRecord
 from tuneplane.data.stream import InstructionStream, SourceStats
 from tuneplane.data.templates import IGNORE_INDEX
@@ -20,6 +25,7 @@ from tuneplane.spec import DataSpec, SourceSpec, TuningSpec
 
 SAMPLE_TOKENS = 2048  # a sample shows its first tokens: enough to check the masking, bounded in size
 HISTOGRAM_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 1 << 40)
+Feed = Callable[[Sequence[Item]], object]  # where a source's conversations go for the quality figures
 
 
 @dataclass
@@ -58,6 +64,7 @@ class SourceReport:
 class PreflightReport:
     sources: list[SourceReport]
     max_seq_len: int
+    quality: dict[str, Any] = field(default_factory=dict)  # see preflight(): dedup, contamination, summary
 
     @property
     def ok(self) -> bool:
@@ -102,6 +109,7 @@ class PreflightReport:
                 }
                 for s in self.sources
             ],
+            "quality": self.quality,
         }
 
 
@@ -111,16 +119,63 @@ def preflight(
     max_records: int | None = None,
     samples: int = 2,
     time_budget_s: float | None = None,
+    quality: bool = True,
 ) -> PreflightReport:
     """Scan each training and eval source (up to `max_records` records each) through the real pipeline; with a
-    time budget, sources not read through in time are reported as such (`time_limited`), not as errors."""
+    time budget, sources not read through in time are reported as such (`time_limited`), not as errors.
+    `quality=False` leaves out the duplicate and contamination figures (the benchmark's baseline)."""
     deadline = time.monotonic() + time_budget_s if time_budget_s is not None else float("inf")
-    all_sources = list(spec.data.sources) + list(spec.data.eval_sources) + list(spec.eval.zero_shot_sources)
-    reports = [
-        _scan_source(spec.data, source, tokenizer, spec.hyperparameters.seed, max_records, samples, deadline)
-        for source in all_sources
+    data, seed = spec.data, spec.hyperparameters.seed
+    evals = [*data.eval_sources, *spec.eval.zero_shot_sources]
+    scan = QualityScan(data) if quality else None
+    try:
+        # Eval sets first: training records are then checked against them as they stream by.
+        scanned = [
+            _scan_source(data, source, tokenizer, seed, max_records, samples, deadline, feed)
+            for source, feed in _feeds(scan, evals, data.sources)
+        ]
+        reports = scanned[len(evals) :] + scanned[: len(evals)]  # reported in spec order: training first
+        return PreflightReport(
+            reports, data.max_seq_len, _quality(scan, reports, max_records) if scan else {}
+        )
+    finally:
+        if scan is not None:
+            scan.close()
+
+
+def _feeds(
+    scan: QualityScan | None, evals: list[SourceSpec], train: list[SourceSpec]
+) -> list[tuple[SourceSpec, Feed]]:
+    """Each source with where its conversations go: eval sets first, then training sources."""
+    if scan is None:
+        return [(s, lambda items: None) for s in [*evals, *train]]
+    feeds: list[tuple[SourceSpec, Feed]] = [
+        (s, functools.partial(scan.add_eval, scan.add_eval_set(s.display_name))) for s in evals
     ]
-    return PreflightReport(reports, spec.data.max_seq_len)
+    return feeds + [(s, functools.partial(scan.add_train, scan.add_source(s.display_name))) for s in train]
+
+
+def _quality(scan: QualityScan, reports: list[SourceReport], max_records: int | None) -> dict[str, Any]:
+    covers = _coverage(reports, max_records)
+    summary = scan.summary() if covers == "every record" else f"{scan.summary()} [{covers}]"
+    return {
+        "dedup": scan.dedup(),
+        "contamination": scan.contamination(),
+        "covers": covers,
+        "summary": summary,
+    }
+
+
+def _coverage(reports: list[SourceReport], max_records: int | None) -> str:
+    """What the quality figures are computed over: everything, or only what the scan read."""
+    limits = []
+    if max_records is not None and any(r.stats.records >= max_records for r in reports):
+        limits.append(f"at most {max_records} records per source")
+    if any(r.time_limited for r in reports):
+        limits.append("time budget ran out")
+    if any(r.fatal for r in reports):
+        limits.append("a source stopped early")
+    return f"records scanned only: {', '.join(limits)}" if limits else "every record"
 
 
 def _scan_source(
@@ -131,6 +186,7 @@ def _scan_source(
     max_records: int | None,
     samples: int,
     deadline: float,
+    feed: Feed,
 ) -> SourceReport:
     # One source alone through the stream machinery (same reader, renderer, tokenizer, limits as training).
     single = data.model_copy(update={"sources": [source], "eval_sources": [], "holdout_fraction": 0.0})
@@ -155,7 +211,9 @@ def _scan_source(
                 if record is None:  # one full pass read
                     break
                 chunk.append((0, record))
-            for example in stream.tokenize_records(chunk):
+            conversations = stream.conversations(chunk)
+            feed([(key, conversation) for _, key, conversation in conversations])
+            for example in stream.tokenize_conversations(conversations):
                 report.lengths.append(len(example))
                 if len(report.samples) < samples:
                     report.samples.append(_spans(example.input_ids, example.labels, tokenizer))

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tuneplane.data.formats import to_conversation
+from tuneplane.data.formats import Conversation, to_conversation
+from tuneplane.data.keyset import KeySet
 from tuneplane.data.packing import Batch, BestFitPacker, Example, FifoRows, collate
 from tuneplane.data.records import RawRecord, expand, file_kind, read_records
 from tuneplane.data.reshard import Handover, shards_by_file
@@ -45,6 +46,7 @@ class SourceStats:
     dropped_no_response: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    filtered: int = 0  # in the drop-set (duplicates, contamination); default 0: older checkpoints lack it
     error_samples: list[str] = field(default_factory=list)
 
     def add_error(self, message: str) -> None:
@@ -187,7 +189,8 @@ class InstructionStream:
     Iterating yields the rest of the current epoch; `next_epoch()` starts the next one (a trainer calls it once
     every rank is `exhausted`, so ranks never disagree on the epoch, not even in a checkpoint). Call
     `state_dict()` between batches to checkpoint; pass it back as `state` to continue with exactly the next
-    example: nothing repeated, nothing skipped.
+    example: nothing repeated, nothing skipped. `drop` (data/quality.py's drop-set: duplicates, contaminated
+    records) skips records by key and counts them as `filtered`; the same records go to the same ranks.
     """
 
     def __init__(
@@ -202,12 +205,14 @@ class InstructionStream:
         split: Split = "train",
         state: dict[str, Any] | None = None,
         chunk_size: int = 64,
+        drop: KeySet | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.data, self.tokenizer, self.seed = data, tokenizer, seed
         self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
         self.chunk_size = chunk_size
+        self.drop = drop if drop is not None and len(drop) else None  # records skipped (data/quality.py)
         sources, holdout = _split_sources(data, split)
         self.sources = sources
         cursors = [SourceCursor(**c) for c in state["cursors"]] if state else [None] * len(sources)
@@ -293,20 +298,37 @@ class InstructionStream:
 
     def tokenize_records(self, chunk: list[tuple[int, RawRecord]]) -> list[Example]:
         """(source index, record) pairs -> examples, counting bad records per the sources' on_error policy."""
-        rendered: list[tuple[int, str, list]] = []
+        return self.tokenize_conversations(self.conversations(chunk))
+
+    def conversations(self, chunk: list[tuple[int, RawRecord]]) -> list[tuple[int, str, Conversation]]:
+        """(source index, record) pairs -> (source index, key, conversation); records in the drop-set are
+        counted and skipped here, after ownership was decided, so ranks keep the records they own."""
+        out = []
         for i, record in chunk:
-            stats, source = self.stats[i], self.sources[i]
+            stats = self.stats[i]
             stats.records += 1
             if record.data is None:
                 self._bad(i, record.key, record.error or "unreadable")
-                continue
+            elif self.drop is not None and record.key in self.drop:
+                stats.filtered += 1
+            else:
+                try:
+                    conversation = to_conversation(
+                        record.data, self.sources[i], record.key, self.seed, self.data.system_prompt
+                    )
+                except FormatError as exc:
+                    self._bad(i, record.key, str(exc))
+                    continue
+                out.append((i, record.key, conversation))
+        return out
+
+    def tokenize_conversations(self, conversations: list[tuple[int, str, Conversation]]) -> list[Example]:
+        rendered: list[tuple[int, str, list]] = []
+        for i, key, conversation in conversations:
             try:
-                conversation = to_conversation(
-                    record.data, source, record.key, self.seed, self.data.system_prompt
-                )
-                rendered.append((i, record.key, render(conversation, self.data.template, self.tokenizer)))
+                rendered.append((i, key, render(conversation, self.data.template, self.tokenizer)))
             except FormatError as exc:
-                self._bad(i, record.key, str(exc))
+                self._bad(i, key, str(exc))
         encoded = self._segments.encode([segments for _, _, segments in rendered])
         examples = []
         for (i, key, _), (ids, labels) in zip(rendered, encoded, strict=True):

@@ -166,6 +166,84 @@ _RENDERERS = {
 }
 
 
+# -- the same templates as Jinja chat templates, for consumers that render prompts themselves ---------------
+# Written into the published tokenizer, so vLLM, TGI or `tokenizer.apply_chat_template` prompt the tuned model
+# exactly as training did. Exact (same text) for a generation prompt and for a conversation that ends with an
+# assistant turn; alpaca's `input` travels as an extra `input` key of a user message. Not reproducible in
+# Jinja: record text is tokenized with special-token strings as plain text, so a message that contains
+# "<|im_end|>" gets different ids from a chat template (which turns it into the special token).
+
+_INPUT = "(m['input'] is defined and m['input'])"
+_BOS = "{%- if bos_token %}{{ bos_token }}{% endif %}"  # as `_bos`: only a tokenizer that has one
+_TEXT = f"(m['content'] + ('\\n\\n' + m['input'] if {_INPUT} else ''))"  # Message.text()
+
+_CHAT_TEMPLATES = {
+    "alpaca": (
+        "{%- set ns = namespace(has_input=false) -%}"
+        f"{{%- for m in messages if m['role'] != 'system' and {_INPUT} %}}{{% set ns.has_input = true %}}"
+        "{% endfor -%}"
+        f"{_BOS}"
+        "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] %}"
+        "{{ messages[0]['content'] }}"
+        f"{{%- elif ns.has_input %}}{{{{ {ALPACA_PREAMBLE_WITH_INPUT!r} }}}}"
+        f"{{%- else %}}{{{{ {ALPACA_PREAMBLE!r} }}}}{{%- endif %}}"
+        "{{ '\\n\\n' }}"
+        "{%- for m in messages if m['role'] != 'system' %}"
+        "{%- if m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] }}"
+        f"{{%- if {_INPUT} %}}{{{{ '\\n\\n### Input:\\n' + m['input'] }}}}{{%- endif %}}"
+        "{%- else %}{{ '\\n\\n### Response:\\n' + m['content'] + eos_token }}"
+        "{%- if not loop.last %}{{ '\\n\\n' }}{% endif %}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
+    ),
+    "flan": (
+        f"{_BOS}"
+        "{%- for m in messages %}"
+        "{%- if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+        "{%- if not loop.last %}{{ '\\n\\n' }}{% endif %}"
+        f"{{%- else %}}{{{{ {_TEXT} }}}}"
+        "{%- if not loop.last or add_generation_prompt %}{{ '\\n\\n' }}{% endif %}{%- endif %}"
+        "{%- endfor %}"
+    ),
+    "chatml": (
+        "{%- for m in messages %}"
+        "{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + m['content'] + '<|im_end|>' }}"
+        "{%- if not loop.last %}{{ '\\n' }}{% endif %}"
+        f"{{%- else %}}{{{{ '<|im_start|>' + m['role'] + '\\n' + {_TEXT} + '<|im_end|>\\n' }}}}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ '<|begin_of_text|>' }}"
+        "{%- for m in messages %}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{%- if m['role'] == 'assistant' %}{{ m['content'] }}"
+        f"{{%- else %}}{{{{ {_TEXT} }}}}{{%- endif %}}"
+        "{{ '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+}
+
+
+def chat_template(template: TemplateName, tokenizer: Any, system_prompt: str | None = None) -> str | None:
+    """A Jinja chat template that renders as `render` does (see above); for `tokenizer`, the tokenizer's own.
+    With `system_prompt` (the spec's `data.system_prompt`) it adds that system message where a conversation
+    has none, as training did."""
+    found = (
+        getattr(tokenizer, "chat_template", None) if template == "tokenizer" else _CHAT_TEMPLATES[template]
+    )
+    if not found or not system_prompt:
+        return found or None
+    # repr() is a valid Jinja string literal: Jinja decodes its escapes as Python does.
+    default = f"[{{'role': 'system', 'content': {system_prompt!r}}}] + messages"
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = {default} %}}{{%- endif %}}" + found
+    )
+
+
 class SegmentTokenizer:
     """Batch-tokenizes segment lists with the fast (Rust) tokenizer: two calls per batch, not one per segment."""
 
