@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from tuneplane.admission import policy_problems, reachability_problems
 from tuneplane.backends.base import Backend, BackendJob, RunPhase
 from tuneplane.config import PlatformConfig
-from tuneplane.errors import BackendError, SpecError, describe
+from tuneplane.errors import BackendError, SpecError, clip, describe
 from tuneplane.policies import decide, fits_quota
 from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.states import ACTIVE, JobState
@@ -229,8 +229,8 @@ class Reconciler:
         if outcome.state == JobState.RUNNING:
             transition(s, job, outcome.state, self.actor, outcome.message)
             return
-        model_uri = self._model_uri(job.id) if status.phase == RunPhase.SUCCEEDED else None
-        message = f"{outcome.message}: {model_uri}" if model_uri else outcome.message
+        model_uri, note = self._publication(job.id) if status.phase == RunPhase.SUCCEEDED else (None, "")
+        message = f"{outcome.message}: {model_uri}" if model_uri else outcome.message + note
         end_job(s, job, outcome.state, self.actor, message, model_uri)
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -247,15 +247,22 @@ class Reconciler:
             gpu_pool=job.gpu_pool,
         )  # fmt: skip
 
-    def _model_uri(self, job_id: str) -> str | None:
+    def _publication(self, job_id: str) -> tuple[str | None, str]:
+        """The registered model of a job that succeeded, or why there is none when its gate said no (a note
+        for the end message). MLflow down: neither, the job still succeeded."""
         try:
-            from tuneplane.tracking import model_versions
+            from tuneplane.tracking import gate_verdict, model_versions
 
             versions = model_versions(self.config.tracking_uri, {job_id})
-        except Exception as exc:  # MLflow down: the job still succeeded
+            if versions:
+                return versions[-1]["uri"], ""
+            verdict = gate_verdict(self.config.tracking_uri, job_id)
+        except Exception as exc:
             log.warning("cannot read the registry for %s: %s", job_id, exc)
-            return None
-        return versions[-1]["uri"] if versions else None
+            return None, ""
+        if verdict is None or verdict["passed"]:
+            return None, ""
+        return None, clip(", not registered: gate failed: " + "; ".join(verdict["failures"]), 1000)
 
 
 def _held(usage: dict[str, Usage], team: str) -> tuple[int, int]:

@@ -3,25 +3,31 @@ to the Model Registry as a pyfunc that consumers load with `mlflow.pyfunc.load_m
 
 The pyfunc carries the adapter and tokenizer (and the base weights when the base is a local folder, else the
 base URI) and runs base + adapter through PEFT: `mlflow.transformers` with a PEFT model reloads wrong weights.
+Publishing itself (gate, chat template, model card, registry) is `tuneplane.publish`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneplane.spec import TuningSpec, spec_hash
+
+if TYPE_CHECKING:
+    from tuneplane.publish import Published
 
 JOB_TAG = "tuneplane.job_id"
 ATTEMPTS_TAG = "tuneplane.attempts"
 SPEC_HASH_TAG = "tuneplane.spec_hash"  # tuneplane.spec.spec_hash: the same value the job record holds
 BASE_MODEL_TAG = "tuneplane.base_model"
 FINGERPRINT_TAG = "tuneplane.dataset_fingerprint"
+GATE_TAG = "tuneplane.gate"  # passed | failed | none, on the run and on a registered version
+GATE_FAILURES_TAG = "tuneplane.gate.failures"  # one failed condition a line, with the numbers
+SCORE_TAG_PREFIX = "tuneplane.score."  # a version's headline scores: tuneplane.score.zero_shot/mean = 0.42
 _PARAM_LIMIT = 6000
 
 
@@ -59,7 +65,8 @@ class JobRun:
 
         start   (driver)  create the run, or reuse it on a later attempt and count the attempt
         report  (rank 0)  step metrics, params the workers learn (parameter counts)
-        finish  (driver)  final metrics, the pyfunc model, the registry version; the run ends FINISHED
+        finish  (driver)  the gate, final metrics, the pyfunc model, the model card, the registry version (only
+                          when the gate passes); the run ends FINISHED
         fail / kill       the run ends FAILED / KILLED
 
     A run ends once: the first end wins (a SIGTERM's KILLED is not overwritten by the FAILED that follows as the
@@ -137,17 +144,28 @@ class JobRun:
         if self.enabled:
             self._client().log_dict(self.run_id, report, "data/preflight.json")
 
-    def finish(self, spec: TuningSpec, job_id: str, model_dir: Path, metrics: dict[str, Any]) -> str | None:
-        """Publish the tuned model and end the run FINISHED; returns `models:/NAME/VERSION` when registered."""
-        model_uri = None
+    def finish(
+        self,
+        spec: TuningSpec,
+        job_id: str,
+        model_dir: Path,
+        metrics: dict[str, Any],
+        data_figures: dict[str, Any] | None = None,
+    ) -> Published:
+        """Check the gate, publish the tuned model (`tuneplane.publish`: registered only when the gate passes)
+        and end the run FINISHED. Without tracking the gate is still checked: the verdict is the driver's too."""
+        from tuneplane import gate
+        from tuneplane.publish import Published, publish
+
         if self.enabled:
             assert self.tracking_uri and self.run_id
-            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            model_uri = _publish_model(
-                spec, job_id, self.run_id, model_dir, self.tracking_uri, numbers, self.team
+            published = publish(
+                spec, job_id, self.run_id, model_dir, self.tracking_uri, metrics, self.team, data_figures
             )
+        else:
+            published = Published(None, gate.check(spec.eval.gate, metrics))
         self._end("FINISHED")
-        return model_uri
+        return published
 
     def fail(self) -> None:
         self._end("FAILED")
@@ -191,75 +209,6 @@ def _experiment(client: Any, spec: TuningSpec, team: str | None, artifact_root: 
     return str(client.create_experiment(name, artifact_location=location))
 
 
-def _publish_model(
-    spec: TuningSpec,
-    job_id: str,
-    run_id: str,
-    model_dir: Path,
-    tracking_uri: str,
-    metrics: dict[str, float],
-    team: str | None = None,
-) -> str | None:
-    """Log the tuned model as a pyfunc in the job's run and register it; returns `models:/NAME/VERSION`."""
-    import mlflow
-
-    from tuneplane import pyfunc_model
-
-    mlflow.set_tracking_uri(tracking_uri)
-    name = registered_model_name(spec, team)
-    if name:  # a re-run of a finished job publishes nothing new
-        existing = mlflow.MlflowClient().search_model_versions(
-            f"name = '{name}' and tags.`{JOB_TAG}` = '{job_id}'"
-        )
-        if existing:
-            return f"models:/{name}/{existing[0].version}"
-    artifacts = {"model": str(model_dir)}
-    model_config = {
-        "template": spec.data.template,
-        "system_prompt": spec.data.system_prompt or "",
-        "base_uri": spec.model.base,
-        "max_new_tokens": spec.eval.max_new_tokens,
-    }
-    is_adapter = (model_dir / "adapter_config.json").exists()
-    if is_adapter and spec.model.base_kind == "path":
-        # the embedded default: ship the base so the model is self-contained
-        artifacts["base"] = spec.model.base
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics)
-        if spec.tracking.export_merged and is_adapter:
-            with tempfile.TemporaryDirectory() as merged:
-                _merge(spec.model.base, model_dir, Path(merged))
-                mlflow.log_artifacts(merged, "merged")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=pyfunc_model.AdapterModel(),
-            artifacts=artifacts,
-            model_config=model_config,
-            pip_requirements=["tuneplane", "torch", "transformers", "peft"],
-        )
-    if not name:
-        return None
-    # Tagged on the run when it was created: listing every data file again here would repeat that I/O.
-    run_tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    tags = {JOB_TAG: job_id, BASE_MODEL_TAG: spec.model.base}
-    tags |= {key: run_tags[key] for key in (SPEC_HASH_TAG, FINGERPRINT_TAG)}
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    return f"models:/{name}/{version.version}"
-
-
-def _merge(base: str, adapter_dir: Path, out: Path) -> None:
-    """Base + adapter folded into plain weights: loadable without PEFT (vLLM, TGI, transformers)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneplane.pretrained import from_pretrained
-
-    model = from_pretrained(AutoModelForCausalLM, base)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))
-
-
 # -- read side: what the control plane shows about a job (the API never writes to MLflow) ---------------------
 
 
@@ -298,6 +247,17 @@ def job_metrics(tracking_uri: str, job_id: str, history: bool = True) -> dict[st
     }
 
 
+def gate_verdict(tracking_uri: str, job_id: str) -> dict[str, Any] | None:
+    """What the job's gate decided, from its run's tags: {status: passed|failed|none, failures: [...]};
+    None before the job published (no run, or a run that has not finished)."""
+    run = find_job_run(tracking_uri, job_id)
+    status = run.data.tags.get(GATE_TAG) if run is not None else None
+    if run is None or status is None:
+        return None
+    failures = [line for line in run.data.tags.get(GATE_FAILURES_TAG, "").split("\n") if line]
+    return {"status": status, "passed": status != "failed", "failures": failures, "run_id": run.info.run_id}
+
+
 def model_versions(tracking_uri: str, job_ids: set[str] | None = None) -> list[dict[str, Any]]:
     """Registered versions published by Tuneplane jobs (optionally only those of the given jobs)."""
     from mlflow import MlflowClient
@@ -324,6 +284,20 @@ def model_versions(tracking_uri: str, job_ids: set[str] | None = None) -> list[d
                 "base_model": version.tags.get(BASE_MODEL_TAG),
                 "spec_hash": version.tags.get(SPEC_HASH_TAG),
                 "created_at": version.creation_timestamp,
+                "gate": version.tags.get(GATE_TAG),  # None: registered before gates existed
+                "scores": _scores(version.tags),
             }
         )
     return sorted(out, key=lambda v: (v["name"], v["version"]))
+
+
+def _scores(tags: dict[str, str]) -> dict[str, float]:
+    """A version's headline scores, from the tags publishing wrote (read with the version: no call per run)."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith(SCORE_TAG_PREFIX):
+            try:
+                out[key.removeprefix(SCORE_TAG_PREFIX)] = float(value)
+            except ValueError:  # a hand-edited tag: show the rest
+                continue
+    return out

@@ -96,6 +96,16 @@ class ModelVersionOut(BaseModel):
     base_model: str | None
     spec_hash: str | None
     created_at: int | None
+    gate: Literal["passed", "failed", "none"] | None = Field(
+        None,
+        description="The spec's evaluation gate: `passed`, or `none` when the spec set no gate (a failed gate "
+        "registers no version). Null for versions published before gates existed.",
+    )
+    scores: dict[str, float] = Field(
+        default_factory=dict,
+        description="Headline scores of the tuned model: `eval_loss`, `zero_shot/<task>`, `zero_shot/mean`, "
+        "`lm_eval/<task>`.",
+    )
 
 
 class FieldProblem(BaseModel):

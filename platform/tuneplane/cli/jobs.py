@@ -156,10 +156,23 @@ def models(url: Url = None) -> None:
     """Adapters your jobs registered in MLflow (load with mlflow.pyfunc.load_model(URI))."""
     with _client(url) as client, api_errors():
         versions = client.models()
-    table = Table("URI", "JOB", "BASE MODEL")
+    table = Table("URI", "JOB", "BASE MODEL", "GATE", "SCORES")
     for v in versions:
-        table.add_row(v["uri"], v["job_id"], v.get("base_model") or "")
+        table.add_row(
+            v["uri"],
+            v["job_id"],
+            v.get("base_model") or "",
+            v.get("gate") or "-",
+            _scores(v.get("scores") or {}),
+        )
     console.print(table)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    """Eval loss and the zero-shot mean first, then every task; four significant digits."""
+    first = [k for k in ("eval_loss", "zero_shot/mean") if k in scores]
+    keys = first + sorted(k for k in scores if k not in first)
+    return "\n".join(f"{k} {scores[k]:.4g}" for k in keys) or "-"
 
 
 @app.command()
