@@ -16,7 +16,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, the CPU build pinned in constraints.txt, so nothing later pulls a CUDA torch.
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,server,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,server,dev,eval]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
