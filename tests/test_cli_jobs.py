@@ -61,7 +61,10 @@ def test_bad_spec_and_unknown_job_give_clear_errors(api_url: str, tmp_path: Path
     spec["distributed"]["gpus_per_worker"] = 1
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        yaml.safe_dump(spec).replace("../build", str(REPO / "build")).replace("data/", f"{REPO}/jobs/data/")
+        yaml.safe_dump(spec)
+        .replace("../build", str(REPO / "build"))
+        .replace("data/", f"{REPO}/jobs/data/")
+        .replace("tasks_dir: evals", f"tasks_dir: {REPO}/jobs/evals")
     )
     out = cli(api_url, "submit", str(bad), token="tok-beta")  # beta may not use the h100 pool
     assert out.exit_code == 2, out.output

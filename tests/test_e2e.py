@@ -95,7 +95,7 @@ def quick_spec(tmp_path: Path, tiny_dir: Path, max_steps: int) -> Path:
     spec["hyperparameters"].update(max_steps=max_steps, warmup_steps=2)
     spec["checkpointing"]["every_n_steps"] = 20
     spec["tracking"].update(log_every_n_steps=2, registered_model_name="e2e-adapter")
-    spec["eval"]["zero_shot_sources"] = []
+    spec["eval"].update(zero_shot_sources=[], gate=None, lm_eval=None)
     path = tmp_path / f"spec-{max_steps}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -62,7 +62,7 @@ def api(tenants: dict[str, Path]):
 def spec_reading(uri: str, **sections: dict) -> dict:
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
     spec["data"].update(sources=[{"uri": uri, "format": "alpaca"}], eval_sources=[], holdout_fraction=0.0)
-    spec["eval"]["zero_shot_sources"] = []
+    spec["eval"].update(zero_shot_sources=[], gate=None, lm_eval=None)
     for name, values in sections.items():
         spec[name].update(values)
     return spec

@@ -66,6 +66,10 @@ SHORT = {
     "checkpointing.every_n_steps": 3,
     "tracking.log_every_n_steps": 1,
     "eval.zero_shot_sources": [],
+    "eval.lm_eval": None,
+    "eval.gate": None,
+    "data.dedup": "off",
+    "data.decontaminate": False,
 }
 
 
@@ -143,6 +147,10 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
             ],
             # A random tiny base learns far faster with all weights trainable than through adapters.
             "method": {"type": "full"},
+            # As before data filtering existed: decontaminated (14 of the 100 parity eval questions also occur
+            # in training), this tiny run reaches ~0.56 on parity instead of > 0.6. The filter has its own test.
+            "data.dedup": "off",
+            "data.decontaminate": False,
             "hyperparameters.learning_rate": 0.001,
             "hyperparameters.lr_scheduler": "constant",
             "hyperparameters.max_steps": 400,
@@ -157,6 +165,11 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
                 {"uri": "data/tasks-alpaca-eval.jsonl", "format": "alpaca"},
             ],
             "eval.max_examples": 50,
+            "eval.gate": {
+                "eval_loss_improves": True,
+                "tasks": {"parity-labeled-eval": {"min": 0.6, "min_gain": 0.3}, "tiny_parity": {"min": 0.0}},
+                "keep": {"tasks-alpaca-eval": 0.05},
+            },
         },
     )
     settings = _settings(tmp_path, "learn")
@@ -165,7 +178,14 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
     assert m["zero_shot_base/mean"] <= 0.05
     assert m["zero_shot/mean"] >= 0.25, m
     assert m["zero_shot/parity-labeled-eval"] > 0.6, m  # above the 0.5 of guessing once the format is learned
+    assert m["eval_loss"] < m["eval_loss_base"]
+    assert 0 <= m["lm_eval_base/tiny_parity"] <= 1 and 0 <= m["lm_eval/tiny_parity"] <= 1
+    assert result.gate is not None and result.gate["status"] == "passed", result.gate
     assert result.model_uri == "models:/tiny-cpu-adapter/1"
+    # The mixture actually trained: both sources' trained tokens, summing to the run's trained tokens.
+    trained = {k: v for k, v in m.items() if k.startswith("source_tokens/")}
+    assert set(trained) == {"source_tokens/tasks-alpaca", "source_tokens/parity-labeled"}
+    assert all(v > 0 for v in trained.values())
 
     from mlflow import MlflowClient
 
@@ -181,12 +201,95 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
     assert version.tags["tuneplane.job_id"] == "learn"
     assert version.tags["tuneplane.base_model"] == str(tiny_dir)
     assert {"tuneplane.spec_hash", "tuneplane.dataset_fingerprint"} <= set(version.tags)
+    assert version.tags["tuneplane.gate"] == "passed"
+    # The model card is the version's description; its numbers are the run's.
+    from tuneplane.gate import fmt
+
+    card = version.description
+    for key in ("eval_loss", "eval_loss_base", "zero_shot/parity-labeled-eval", "lm_eval/tiny_parity"):
+        assert fmt(m[key]) in card, key
+    assert (
+        f"{int(m['source_tokens/parity-labeled']):,}" in card
+        or str(int(m["source_tokens/parity-labeled"])) in card
+    )
+    loss_curves = {k for k in run_info.data.metrics if k.startswith("source_loss/")}
+    assert loss_curves == {"source_loss/tasks-alpaca", "source_loss/parity-labeled"}
 
     # A consumer in a fresh process loads models:/NAME/VERSION and generates.
     answers = _predict_in_fresh_process(
         settings.tracking_uri or "", "models:/tiny-cpu-adapter/1", ["Is 14 even or odd?", "Is 7 even or odd?"]
     )
     assert len(answers) == 2 and all(a in {"even", "odd"} for a in answers), answers
+
+
+def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate_is_not_registered(
+    ray_local, tiny_dir, tmp_path
+) -> None:
+    """Planted exact duplicates and training records copied into the eval set: with dedup and decontamination
+    the run trains every other record exactly once and never those (checked from the example log); an
+    impossible gate leaves the model unregistered, with the reason in the run and the result."""
+    import random
+
+    from mlflow import MlflowClient
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(5000)]  # random records: no two share a 13-word run unless planted
+
+    def record() -> dict[str, str]:
+        return {
+            "instruction": " ".join(rng.choices(words, k=16)),
+            "output": " ".join(rng.choices(words, k=4)),
+        }
+
+    clean = [record() for _ in range(96)]
+    train = [*clean, clean[10], clean[20], clean[30]]  # lines 97-99 repeat lines 11, 21 and 31
+    held_out = [clean[5], clean[6], *(record() for _ in range(8))]  # lines 6 and 7 of training leaked
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    eval_source = {"uri": str(eval_file), "format": "alpaca", "name": "eval-set"}
+    spec = _spec(
+        tiny_dir,
+        **(
+            SHORT
+            | {
+                "data.sources": [{"uri": str(train_file), "format": "alpaca"}],
+                "data.dedup": "exact",
+                "data.decontaminate": True,
+                "hyperparameters.max_steps": None,
+                "hyperparameters.epochs": 1,
+                "checkpointing.every_n_steps": 1000,
+                "eval.zero_shot_sources": [eval_source],
+                "eval.max_examples": 4,
+                "eval.gate": {"tasks": {"eval-set": {"min": 1.0}}},
+            }
+        ),
+    )
+    log = _mk(tmp_path / "trace")
+    settings = _settings(tmp_path, "gated", example_log_dir=str(log))
+    result = run(spec, settings)
+
+    trained = [k for keys in _trace(log).values() for k in keys]
+    dropped = {f"{train_file}:{line}" for line in (97, 98, 99, 6, 7)}
+    assert sorted(trained) == sorted(
+        f"{train_file}:{line}" for line in range(1, 100) if f"{train_file}:{line}" not in dropped
+    )
+    assert result.model_uri is None
+    assert result.gate is not None and result.gate["status"] == "failed"
+    assert any("eval-set" in failure and "min 1.00" in failure for failure in result.gate["failures"]), (
+        result.gate
+    )
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    assert client.search_model_versions() == []  # a gate is checked before anything reaches the registry
+    run_info = client.get_run(result.run_id or "")
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.tags["tuneplane.gate"] == "failed"
+    assert "eval-set" in run_info.data.tags["tuneplane.gate.failures"]
+    assert run_info.data.metrics["data/exact_duplicates"] == 3
+    assert run_info.data.metrics["data/contaminated"] == 2
+    artifacts = {a.path for a in client.list_artifacts(result.run_id or "")}
+    assert "MODEL_CARD.md" in artifacts
 
 
 def _registered_checkpoints(snapshot: Path) -> list[Any]:

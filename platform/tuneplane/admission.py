@@ -101,11 +101,15 @@ def _static_prefix(location: str) -> str:
 
 
 def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
-    """(field, location, kind) of everything a spec reads: data sources (never hub ids), model and tokenizer."""
+    """(field, location, kind) of everything a spec reads: data sources and lm-eval task folders (never hub
+    ids), model and tokenizer."""
     out = [
         (f"{field}.uri", source.uri, "path" if is_local_path(source.uri) else "uri")
         for field, source in spec.source_fields()
     ]
+    if lm_eval := spec.eval.lm_eval:
+        tasks_dir = lm_eval.tasks_dir
+        out.append(("eval.lm_eval.tasks_dir", tasks_dir, "path" if is_local_path(tasks_dir) else "uri"))
     for key in ("base", "tokenizer"):
         if location := getattr(spec.model, key):
             out.append((f"model.{key}", location, model_location_kind(location)))
@@ -133,7 +137,7 @@ def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConf
         if is_local_path(source.uri) and not all(readable(f, team, config) for f in files):
             problems.append((f"{field}.uri", not_readable(source.uri)))
     for field, location, kind in _locations(spec):
-        if not field.startswith("model.") or kind != "path":
+        if field.endswith(".uri") or kind != "path":  # sources were expanded above
             continue
         if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):
             problems.append((field, not_readable(location)))

@@ -17,9 +17,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneplane.config._strict import Strict
 from tuneplane.config.kuberay import KubeRayBackend
-from tuneplane.quantity import check_quantity, quantity_bytes
 from tuneplane.errors import ConfigError
 from tuneplane.home import DEFAULT_HOME, Home, default_home
+from tuneplane.quantity import check_quantity, quantity_bytes
 
 
 class Quota(Strict):

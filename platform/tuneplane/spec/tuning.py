@@ -243,8 +243,11 @@ def resolve_paths(spec: TuningSpec, base_dir: Path) -> TuningSpec:
             "eval_sources": [fix_source(s) for s in spec.data.eval_sources],
         }
     )
+    lm_eval = spec.eval.lm_eval
+    if lm_eval is not None and is_local_path(lm_eval.tasks_dir):
+        lm_eval = lm_eval.model_copy(update={"tasks_dir": resolve(lm_eval.tasks_dir)})
     ev = spec.eval.model_copy(
-        update={"zero_shot_sources": [fix_source(s) for s in spec.eval.zero_shot_sources]}
+        update={"zero_shot_sources": [fix_source(s) for s in spec.eval.zero_shot_sources], "lm_eval": lm_eval}
     )
     return spec.model_copy(
         update={"model": spec.model.model_copy(update=model_update), "data": data, "eval": ev}

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except TuneplaneError as exc:  # a worker's error, a base model that cannot load, a bad checkpoint...
         print(f"training failed: {exc}", file=sys.stderr)
         return 1
-    summary = {"job_id": result.job_id, "model_uri": result.model_uri, "metrics": result.metrics}
+    summary = {
+        "job_id": result.job_id,
+        "model_uri": result.model_uri,
+        "gate": result.gate,
+        "metrics": result.metrics,
+    }
     print(json.dumps(summary, indent=2))
     if result.model_uri and settings.tracking_uri and args.sample:
         _show_sample(result.model_uri, settings.tracking_uri, args.sample)

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tuneplane.data.quality import DataFilter
 from tuneplane.errors import CheckpointError, TrainingFailed
 from tuneplane.spec import DistributedSpec, TuningSpec, is_local_path
 from tuneplane.train import checkpointing
@@ -44,6 +45,7 @@ class RunResult:
     model_uri: str | None
     run_id: str | None
     model_dir: str | None
+    gate: dict[str, Any] | None = None  # the gate's verdict (status, checks, failures)
 
 
 class _Terminated(Exception):
@@ -66,13 +68,24 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         )
         if job_run.enabled:
             job_run.log_data_report(_data_report(spec))
+        data_filter = _data_filter(spec)
         _start_ray(spec.distributed, settings)
         # After ray.init, which installs a SIGTERM handler of its own.
         signal.signal(signal.SIGTERM, _sigterm_handler(job_run.kill))
-        result = _fit(build_trainer(spec, settings, job_run.run_id))
+        drop = data_filter.drop.to_bytes() if len(data_filter.drop) else None
+        result = _fit(build_trainer(spec, settings, job_run.run_id, drop))
         final, model_dir = _collect(result, settings)
-        model_uri = job_run.finish(spec, settings.job_id, model_dir, final)
-        return RunResult(settings.job_id, final, model_uri, job_run.run_id, str(model_dir))
+        final |= _lm_eval(spec, model_dir)
+        figures = data_filter.to_dict() if data_filter.figures.get("records") else None
+        published = job_run.finish(spec, settings.job_id, model_dir, final, figures)
+        return RunResult(
+            settings.job_id,
+            final,
+            published.model_uri,
+            job_run.run_id,
+            str(model_dir),
+            published.verdict.to_dict(),
+        )
     except (_Terminated, KeyboardInterrupt, SystemExit):
         job_run.kill()
         raise
@@ -99,7 +112,9 @@ def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
     )
 
 
-def build_trainer(spec: TuningSpec, settings: RunSettings, run_id: str | None) -> Any:
+def build_trainer(
+    spec: TuningSpec, settings: RunSettings, run_id: str | None, drop: bytes | None = None
+) -> Any:
     """The Ray Train job: one worker per data-parallel rank, each running the recipe."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -111,7 +126,7 @@ def build_trainer(spec: TuningSpec, settings: RunSettings, run_id: str | None) -
     resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = dist_spec.gpus_per_worker
-    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir)
+    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir, drop)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "settings": worker},
@@ -201,3 +216,42 @@ def _data_report(spec: TuningSpec) -> dict[str, Any]:
     from tuneplane.pretrained import load_tokenizer
 
     return preflight(spec, load_tokenizer(spec.model), max_records=2000, samples=0).to_dict()
+
+
+def _data_filter(spec: TuningSpec) -> DataFilter:
+    """The training records to skip (duplicates, records overlapping eval data), decided once by the driver over
+    every record in a fixed order, so each rank, each resume and each re-run drops exactly the same ones."""
+    from tuneplane.data import build_filter
+
+    data_filter = build_filter(spec, spec.hyperparameters.seed)
+    if data_filter.figures.get("records"):
+        print(f"[tuneplane] data filter: {_filter_line(data_filter)}", flush=True)
+    return data_filter
+
+
+def _filter_line(data_filter: DataFilter) -> str:
+    f = data_filter.figures
+    return (
+        f"{len(data_filter.drop)} of {f['records']} training records dropped "
+        f"({f['exact_duplicates']} exact duplicates, {f['near_duplicates']} near duplicates, "
+        f"{f['contaminated']} overlapping eval data) in {f.get('seconds', 0):.1f} s"
+    )
+
+
+def _lm_eval(spec: TuningSpec, model_dir: Path) -> dict[str, float]:
+    """lm-evaluation-harness tasks on the base and the tuned model (`lm_eval_base/*`, `lm_eval/*`), in the
+    driver, one model loaded at a time."""
+    if spec.eval.lm_eval is None:
+        return {}
+    from tuneplane.train.harness import run_lm_eval
+
+    device = "cuda" if spec.distributed.gpus_per_worker > 0 and _cuda() else "cpu"
+    base = run_lm_eval(spec, None, device)
+    tuned = run_lm_eval(spec, str(model_dir), device)
+    return {f"lm_eval_base/{k}": v for k, v in base.items()} | {f"lm_eval/{k}": v for k, v in tuned.items()}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tuneplane.data import Batch, InstructionStream
+from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
 from tuneplane.pretrained import load_tokenizer
 from tuneplane.spec import TuningSpec, parse_spec
@@ -49,6 +49,7 @@ class WorkerSettings:
     tracking_uri: str | None = None
     # Optional audit trail: which records each rank trained on at each step (data-exposure audits, tests).
     example_log_dir: str | None = None
+    drop: bytes | None = None  # the driver's data filter (data.dedup / data.decontaminate): keys to skip
 
 
 @dataclass
@@ -102,6 +103,7 @@ class InstructionTuningRecipe:
             return False
         self.run = JobRun(self.settings.tracking_uri, self.settings.run_id) if self.rank == 0 else JobRun()
         self.tokenizer = load_tokenizer(spec.model)
+        self.drop = KeySet.from_bytes(self.settings.drop) if self.settings.drop else None
         model = load_model(spec, on_gpu)
         params = count_params(model)
         self.run.log_params({"model.params.total": params.total, "model.params.trainable": params.trainable})
@@ -141,7 +143,7 @@ class InstructionTuningRecipe:
         hp = self.spec.hyperparameters
         return InstructionStream(
             self.spec.data, self.tokenizer, seed=hp.seed, rank=self.rank, world_size=self.world,
-            micro_batch_size=hp.micro_batch_size, state=state,
+            micro_batch_size=hp.micro_batch_size, state=state, drop=self.drop,
         )  # fmt: skip
 
     def _steps_for_epochs(self) -> int:
