@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit
@@ -71,14 +72,35 @@ def _follow(client: Client, job_id: str, sample: str | None) -> None:
 
         with api_errors():
             final = client.wait(job_id, on_progress=update)
+            outcome = _outcome(client, final) if final["state"] == "SUCCEEDED" else []
     style = "green" if final["state"] == "SUCCEEDED" else "red"
-    console.print(f"[{style}]{final['state']}[/] {final['message']}", highlight=False)
+    console.print(f"[{style}]{final['state']}[/] {escape(final['message'])}", highlight=False)
     if final["state"] != "SUCCEEDED":
         raise typer.Exit(1)
+    for line in outcome:
+        console.print(line, highlight=False)
     if final.get("model_uri"):
         console.print(f"registered model: [bold]{final['model_uri']}[/]")
         if sample:
             _sample(final["model_uri"], sample)
+
+
+def _outcome(client: Client, job: dict) -> list[str]:
+    """What the data filter dropped, and the gate's verdict with the scores behind it."""
+    latest = client.metrics(job["id"]).get("latest", {})
+    lines = []
+    if latest.get("data/records"):
+        lines.append(
+            f"data filter: {latest.get('data/dropped', 0):.0f} of {latest['data/records']:.0f} training records "
+            f"dropped ({latest.get('data/exact_duplicates', 0):.0f} exact duplicates, "
+            f"{latest.get('data/near_duplicates', 0):.0f} near duplicates, "
+            f"{latest.get('data/contaminated', 0):.0f} overlapping eval data)"
+        )
+    version = next((v for v in client.models() if v["uri"] == job.get("model_uri")), None)
+    if version is not None and version.get("gate") not in (None, "none"):
+        scores = _scores(version.get("scores") or {}).replace("\n", ", ")
+        lines.append(f"gate {version['gate']}: {escape(scores)}")
+    return lines
 
 
 def _sample(model_uri: str, prompt: str) -> None:
