@@ -264,3 +264,21 @@ def test_data_quality_fields() -> None:
     assert (spec.data.dedup, spec.data.near_dup_threshold, spec.data.contamination_ngram) == ("near", 0.8, 13)
     assert "data.dedup" in _problems(_with(data__dedup="fuzzy"))
     assert "data.near_dup_threshold" in _problems(_with(data__near_dup_threshold=0.2))
+
+
+def test_preference_pairs_need_a_preference_method_which_is_refused_until_its_recipe_lands() -> None:
+    pairs = _with(data__sources=[{"uri": "s3://data/prefs.jsonl", "format": "preference"}])
+    assert (
+        "'preference' pairs train with method.type dpo or orpo" in _problems(pairs)["data.sources[0].format"]
+    )
+    assert "not accepted yet" in _problems(pairs | {"method": {"type": "dpo", "beta": 0.2}})["method.type"]
+    assert "method.beta" in _problems(pairs | {"method": {"type": "dpo", "beta": 0}})
+
+
+def test_weights_trained_is_the_one_answer_for_every_method() -> None:
+    from tuneplane.spec import DpoMethod, FullMethod, LoraMethod, OrpoMethod, weights_trained
+
+    lora = LoraMethod(r=4)
+    assert weights_trained(lora) is lora
+    assert weights_trained(DpoMethod(lora=lora)) is lora
+    assert isinstance(weights_trained(OrpoMethod(base="full")), FullMethod)

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneplane.spec import FullMethod, LoraMethod, TuningSpec, effective_zero_stage, model_location_kind
+from tuneplane.spec import (
+    FullMethod,
+    LoraMethod,
+    TuningSpec,
+    effective_zero_stage,
+    model_location_kind,
+    weights_trained,
+)
 
 if TYPE_CHECKING:
     from tuneplane.config import PlatformConfig
@@ -351,7 +358,7 @@ def _lora_targets(method: LoraMethod) -> set[str]:
 
 def _trainable_params(spec: TuningSpec, shape: ModelShape) -> tuple[int, int]:
     """(trainable parameters, parameters added to the base model: LoRA adapters and saved-module copies)."""
-    method, head = spec.method, shape.vocab * shape.hidden
+    method, head = weights_trained(spec.method), shape.vocab * shape.hidden
     if isinstance(method, FullMethod):
         return shape.params, 0
     if isinstance(method, LoraMethod):
@@ -380,7 +387,7 @@ def _activation_parts(
     norm, the hidden states the loss projects, and one loss chunk: fp32 logits, the log-probabilities' gradient
     and the logits' gradient) and one layer's backward (its recomputed activations with checkpointing, and the
     gradients in flight through its MLP)."""
-    method, h = spec.method, shape.hidden
+    method, h = weights_trained(spec.method), shape.hidden
     kept = shape.layers
     if not isinstance(method, FullMethod | LoraMethod):
         kept = min(method.last_n_layers, shape.layers)

@@ -23,7 +23,15 @@ from tuneplane.spec._fields import (
 )
 from tuneplane.spec.data import DataSpec, InstructionTemplate, SourceSpec
 from tuneplane.spec.evaluation import EvalSpec, GateSpec, LmEvalSpec, TaskGate
-from tuneplane.spec.method import FullMethod, LoraMethod, Method, PartialMethod
+from tuneplane.spec.method import (
+    DpoMethod,
+    FullMethod,
+    LoraMethod,
+    Method,
+    OrpoMethod,
+    PartialMethod,
+    weights_trained,
+)
 from tuneplane.spec.model import ModelSpec
 from tuneplane.spec.run import (
     CheckpointSpec,
@@ -52,6 +60,7 @@ __all__ = [
     "CheckpointSpec",
     "DataSpec",
     "DistributedSpec",
+    "DpoMethod",
     "EvalSpec",
     "FormatName",
     "FullMethod",
@@ -63,6 +72,7 @@ __all__ = [
     "LoraMethod",
     "Method",
     "ModelSpec",
+    "OrpoMethod",
     "PartialMethod",
     "SourceSpec",
     "TaskGate",
@@ -78,4 +88,5 @@ __all__ = [
     "parse_spec_text",
     "resolve_paths",
     "spec_hash",
+    "weights_trained",
 ]

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 SPEC_VERSION: Literal["tuneplane/v1"] = "tuneplane/v1"
 
-FormatName = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "labeled"]
+FormatName = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "labeled", "preference"]
 TemplateName = Literal["alpaca", "flan", "chatml", "llama3", "tokenizer"]
 
 # Keys that would let a spec run arbitrary code or carry credentials. Rejected anywhere in the document with
@@ -31,7 +31,7 @@ _URI_SECRET_HINTS = re.compile(
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # A check on a whole model names the field it is about as "path.to.field: message" (see parse_spec).
-_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_-]+)+): (.+)$", re.DOTALL)
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_-]+|\[\d+\])+): (.+)$", re.DOTALL)
 # A model-hub id: `name` or `org/name`, starting with a letter or digit (never '.', '/' or '~').
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

@@ -60,4 +60,46 @@ class PartialMethod(_Strict):
     train_lm_head: bool = Field(True, description="Also train the output projection.")
 
 
-Method = Annotated[LoraMethod | FullMethod | PartialMethod, Field(discriminator="type")]
+class DpoMethod(_Strict):
+    """Direct preference optimisation on `preference` data (prompt, chosen, rejected), usually after
+    instruction tuning (`model.adapter`). The reference model is the policy with its adapter disabled (LoRA)."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(
+        0.1, gt=0, le=10, description="Strength of the pull toward the reference model (KL penalty weight)."
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="`sigmoid` = DPO; `ipo` = IPO's squared loss."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: the share of preference labels assumed flipped."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, le=10, description="Add this times the chosen response's NLL (RPO): keeps chosen likely."
+    )
+    base: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (below) or every weight.")
+    lora: LoraMethod = Field(default_factory=LoraMethod, description="Adapter settings when `base` is lora.")
+
+
+class OrpoMethod(_Strict):
+    """ORPO: preference tuning without a reference model (odds-ratio term added to the chosen NLL)."""
+
+    type: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0, le=10, description="Weight of the odds-ratio term (ORPO's lambda).")
+    base: Literal["lora", "full"] = Field("lora")
+    lora: LoraMethod = Field(default_factory=LoraMethod)
+
+
+Method = Annotated[
+    LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod, Field(discriminator="type")
+]
+
+WeightMethod = LoraMethod | FullMethod | PartialMethod
+
+
+def weights_trained(method: LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod) -> WeightMethod:
+    """Which weights a method trains: itself for SFT methods; for preference methods, their LoRA settings or
+    every weight. Model building, memory estimates and checkpoint layout all ask this one function."""
+    if isinstance(method, DpoMethod | OrpoMethod):
+        return method.lora if method.base == "lora" else FullMethod()
+    return method

@@ -14,7 +14,14 @@ import torch.distributed
 from tuneplane.errors import SpecError
 from tuneplane.memory import checkpointing_enabled
 from tuneplane.pretrained import from_pretrained
-from tuneplane.spec import FullMethod, LoraMethod, PartialMethod, TuningSpec, effective_zero_stage
+from tuneplane.spec import (
+    FullMethod,
+    LoraMethod,
+    PartialMethod,
+    TuningSpec,
+    effective_zero_stage,
+    weights_trained,
+)
 
 
 def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
@@ -99,7 +106,7 @@ def _has_flash_attn() -> bool:
 
 
 def apply_method(model: torch.nn.Module, spec: TuningSpec) -> torch.nn.Module:
-    method = spec.method
+    method = weights_trained(spec.method)
     if isinstance(method, LoraMethod):
         from peft import LoraConfig, get_peft_model
 
