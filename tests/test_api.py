@@ -179,6 +179,8 @@ def test_validate_is_a_dry_run(api: TestClient, spec: dict) -> None:
     assert r.status_code == 200, r.text
     report = r.json()
     assert report["ok"] and report["data"]["sources"], report["problems"]
+    quality = report["data"]["quality"]  # duplicates and eval overlap, as `tuneplane validate` shows them
+    assert "duplicates" in quality["summary"] and "parity-labeled-eval" in quality["contamination"]
     missing = copy.deepcopy(spec)
     missing["data"]["sources"][1]["uri"] = "/nonexistent/tasks.jsonl"
     bad = api.post("/v1/validate", json=missing, headers=ALPHA).json()
