@@ -16,7 +16,7 @@ from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, SpecError
 from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
-from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec
+from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec, registered_team
 from tuneplane.store import Principal
 
 Problems = list[tuple[str, str]]
@@ -53,6 +53,9 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
         )
     if gpus and config.backend == "local":
         problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
+    if spec.model.adapter and registered_team(spec.model.adapter) != team.name:
+        # A team builds on its own registered versions only (`<team>.<name>`): never reads another's weights.
+        problems.append(("model.adapter", f"{spec.model.adapter} is not a model of team {team.name}"))
     return problems + _location_problems(spec, team, config) + memory_problems(spec, team, config)
 
 

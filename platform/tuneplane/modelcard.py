@@ -55,6 +55,7 @@ def _header(spec: TuningSpec, job_id: str, final: dict[str, Any], spec_hash: str
     steps, tokens = final.get("step"), final.get("tokens")
     rows = [
         ("Base model", f"`{spec.model.base}`"),
+        *([("Tuned from", f"`{spec.model.adapter}`")] if spec.model.adapter else []),
         ("Method", spec.method.type),
         ("Trained", f"{steps} steps, {tokens} tokens"),
         ("Job", f"`{job_id}`"),

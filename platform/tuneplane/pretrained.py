@@ -114,3 +114,40 @@ def load_tokenizer(model: ModelSpec) -> Any:
     if not getattr(tokenizer, "is_fast", False):
         raise PretrainedError(f"{field}: {location}: a fast (tokenizer.json) tokenizer is required")
     return tokenizer
+
+
+def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Path:
+    """The adapter folder of the registered version `model.adapter` (`models:/<team>.<name>/<version>`), copied
+    from MLflow into `into`: only the adapter, never the base the pyfunc may carry. Refused, naming
+    `model.adapter`, when the version is missing, holds no adapter, or was tuned from another base."""
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    uri = model.adapter
+    assert uri is not None
+    if not tracking_uri:
+        raise PretrainedError(
+            f"model.adapter: {uri} needs the platform's MLflow, and this run has no tracking"
+        )
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        found = MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version)
+        repo = ModelsArtifactRepository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        description = yaml.safe_load(Path(repo.download_artifacts("MLmodel", str(into))).read_text())
+        path = description["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        folder = Path(repo.download_artifacts(path, str(into)))
+    except (MlflowException, KeyError, TypeError, OSError) as exc:
+        raise PretrainedError(
+            f"model.adapter: {uri}: cannot fetch: {clip(str(exc).splitlines()[0])}"
+        ) from None
+    base = found.tags.get("tuneplane.base_model")
+    if base != model.base:
+        raise PretrainedError(
+            f"model.adapter: {uri} was tuned from {base}, and this job's model.base is {model.base}"
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise PretrainedError(f"model.adapter: {uri} holds a full model, not an adapter")
+    return folder

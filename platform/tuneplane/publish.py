@@ -31,6 +31,7 @@ from tuneplane.tracking import (
     GATE_FAILURES_TAG,
     GATE_TAG,
     JOB_TAG,
+    PARENT_TAG,
     SCORE_TAG_PREFIX,
     SPEC_HASH_TAG,
     registered_model_name,
@@ -77,6 +78,8 @@ def publish(
     if name and verdict.passed:
         tags = {JOB_TAG: job_id, BASE_MODEL_TAG: spec.model.base, GATE_TAG: verdict.status}
         tags |= {key: run_tags[key] for key in (SPEC_HASH_TAG, FINGERPRINT_TAG)}
+        if spec.model.adapter:  # lineage: the registered version this one was tuned from (SFT -> DPO)
+            tags[PARENT_TAG] = spec.model.adapter
         tags |= {SCORE_TAG_PREFIX + key: repr(value) for key, value in gate.headline(metrics).items()}
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
     model_uri = f"models:/{name}/{version}" if version is not None else None

@@ -24,6 +24,7 @@ JOB_TAG = "tuneplane.job_id"
 ATTEMPTS_TAG = "tuneplane.attempts"
 SPEC_HASH_TAG = "tuneplane.spec_hash"  # tuneplane.spec.spec_hash: the same value the job record holds
 BASE_MODEL_TAG = "tuneplane.base_model"
+PARENT_TAG = "tuneplane.parent_model"  # the registered adapter a job started from (`model.adapter`)
 FINGERPRINT_TAG = "tuneplane.dataset_fingerprint"
 GATE_TAG = "tuneplane.gate"  # passed | failed | none, on the run and on a registered version
 GATE_FAILURES_TAG = "tuneplane.gate.failures"  # one failed condition a line, with the numbers

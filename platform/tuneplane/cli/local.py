@@ -18,7 +18,7 @@ from tuneplane.cli.common import app, config_app, console, err_console, load_or_
 from tuneplane.spec import json_schema, load_spec
 
 if TYPE_CHECKING:
-    from tuneplane.data.preflight import PreflightReport
+    from tuneplane.data.preflight import PreflightReport, SampleSpan
     from tuneplane.memory import MemoryCheck
     from tuneplane.spec import TuningSpec
 
@@ -171,23 +171,41 @@ def _print_report(report: PreflightReport) -> None:
         f"trained tokens overall: {100 * report.trained_share:.1f}%  (max_seq_len {report.max_seq_len})"
     )
     for s in report.sources:
-        if s.histogram():
-            bars = "  ".join(f"{bucket}: {n}" for bucket, n in s.histogram())
-            console.print(f"[bold]{s.name}[/] token lengths  {bars}", highlight=False)
+        sides = (
+            [("chosen ", s.lengths), ("rejected ", s.rejected_lengths)] if s.preference else [("", s.lengths)]
+        )
+        for side, lengths in sides:
+            if s.histogram(lengths):
+                bars = "  ".join(f"{bucket}: {n}" for bucket, n in s.histogram(lengths))
+                console.print(f"[bold]{s.name}[/] {side}token lengths  {bars}", highlight=False)
         for line in s.stats.error_samples[:10]:
             console.print(f"  [red]bad record[/] {line}", highlight=False)
         for sample in s.samples:
-            text = Text()
-            for span in sample:
-                text.append(span.text, style="bold green" if span.trained else "dim")
             console.print(
                 Text(f"--- sample from {s.name} (trained in green, masked dimmed) ---", style="cyan")
             )
-            console.print(text)
+            console.print(_spans_text(sample))
+        for pair in s.pair_samples:
+            console.print(
+                Text(f"--- preference pair from {s.name} (trained in green, masked dimmed) ---", style="cyan")
+            )
+            for label, spans in (
+                ("prompt", pair.prompt),
+                ("chosen", pair.chosen),
+                ("rejected", pair.rejected),
+            ):
+                console.print(Text(f"[{label}]", style="bold cyan"), _spans_text(spans))
     _print_quality(report.quality)
     for error in report.errors():
         err_console.print(f"[bold red]error[/] {error}", highlight=False)
     console.print("[green]data ok[/]" if report.ok else "[red]data has errors[/]")
+
+
+def _spans_text(spans: list[SampleSpan]) -> Text:
+    text = Text()
+    for span in spans:
+        text.append(span.text, style="bold green" if span.trained else "dim")
+    return text
 
 
 def _print_quality(quality: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 Public surface:
     InstructionStream   per-rank, resumable stream of packed (or padded) batches; `drop=` skips a KeySet
+    PreferenceStream    per-rank, resumable stream of (chosen, rejected) pair batches (`PairBatch`)
     Batch               one micro-batch (numpy; `.to_torch()`)
     preflight           scan a spec's data and report (what `tuneplane validate` prints), duplicates and
                         eval contamination included
@@ -12,6 +13,7 @@ Public surface:
 
 from tuneplane.data.keyset import KeySet
 from tuneplane.data.packing import Batch
+from tuneplane.data.preference import PairBatch, PreferenceStream
 from tuneplane.data.preflight import PreflightReport, preflight
 from tuneplane.data.quality import DataFilter, build_filter
 from tuneplane.data.stream import InstructionStream
@@ -23,6 +25,8 @@ __all__ = [
     "DataFilter",
     "InstructionStream",
     "KeySet",
+    "PairBatch",
+    "PreferenceStream",
     "PreflightReport",
     "build_filter",
     "preflight",

@@ -2,7 +2,8 @@
 
 Every supported format (alpaca, OpenAI messages, ShareGPT, prompt/completion, FLAN-style labeled records)
 becomes a `Conversation`: an optional system prompt and alternating user/assistant turns. Templates then
-render only this one shape.
+render only this one shape. A `preference` record becomes a `PreferencePair`: the context (a conversation
+ending with a user turn) and two responses, chosen and rejected.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ class Conversation:
     @property
     def responses(self) -> list[str]:
         return [m.content for m in self.messages if m.role == "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class PreferencePair:
+    context: Conversation  # ends with the user turn both responses answer
+    chosen: str
+    rejected: str
+
+    def conversation(self, side: Literal["chosen", "rejected"] = "chosen") -> Conversation:
+        response = self.chosen if side == "chosen" else self.rejected
+        return Conversation((*self.context.messages, Message("assistant", response)))
 
 
 _SHAREGPT_ROLES: dict[str, Role] = {
@@ -75,12 +87,58 @@ def to_conversation(
         )
     elif fmt == "labeled":
         messages = _from_template(record, source, key, seed)
+    elif fmt == "preference":
+        # As one conversation a pair is its chosen side: what duplicate and contamination checks compare.
+        return to_preference(record, source, key, seed, system_prompt).conversation("chosen")
     else:  # pragma: no cover - the spec's Literal already restricts this
         raise FormatError(f"unknown format {fmt!r}")
     if system_prompt and messages[0].role != "system":
         messages.insert(0, Message("system", system_prompt))
     _check_turn_order(messages, source)
     return Conversation(tuple(messages))
+
+
+def to_preference(
+    record: Mapping[str, Any], source: SourceSpec, key: str, seed: int, system_prompt: str | None = None
+) -> PreferencePair:
+    """A `preference` record: `prompt` (a string) or `messages` (turns ending with a user turn), plus `chosen`
+    and `rejected`, each a string or an assistant message. `key` and `seed` are unused (the signature matches
+    `to_conversation`)."""
+    if _name(source, "messages") in record:
+        messages = _turns(_field(record, source, "messages"), source, "messages", "role", "content", None)
+    elif _name(source, "prompt") in record:
+        messages = [Message("user", _text(record, source, "prompt", strip=False))]
+    else:
+        raise FormatError(f"missing field '{_name(source, 'prompt')}' (or '{_name(source, 'messages')}')")
+    if system_prompt and messages[0].role != "system":
+        messages.insert(0, Message("system", system_prompt))
+    _check_turn_order(messages, source, last="user")
+    chosen, rejected = _response(record, source, "chosen"), _response(record, source, "rejected")
+    if chosen == rejected:
+        raise FormatError(
+            f"'{_name(source, 'chosen')}' and '{_name(source, 'rejected')}' are identical: nothing to prefer"
+        )
+    return PreferencePair(Conversation(tuple(messages)), chosen, rejected)
+
+
+def _response(record: Mapping[str, Any], source: SourceSpec, field: str) -> str:
+    """One side of a pair: a string, or an OpenAI-style assistant message {role, content}."""
+    name = _name(source, field)
+    value = record.get(name)
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant":
+            raise FormatError(f"{name}.role: expected 'assistant', got {value.get('role')!r}")
+        value = value.get("content")
+        name = f"{name}.content"
+    if value is None:
+        raise FormatError(f"missing field '{name}'")
+    if not isinstance(value, str):
+        raise FormatError(
+            f"field '{name}' must be a string or an assistant message, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise FormatError(f"field '{name}' is empty")
+    return value
 
 
 def _name(source: SourceSpec, field: str) -> str:
@@ -133,7 +191,9 @@ def _turns(
     return out
 
 
-def _check_turn_order(messages: list[Message], source: SourceSpec) -> None:
+def _check_turn_order(
+    messages: list[Message], source: SourceSpec, last: Literal["user", "assistant"] = "assistant"
+) -> None:
     body = messages[1:] if messages[0].role == "system" else messages
     if any(m.role == "system" for m in body):
         raise FormatError("a system message may only come first")
@@ -143,8 +203,11 @@ def _check_turn_order(messages: list[Message], source: SourceSpec) -> None:
             raise FormatError(
                 f"turn {i + 1} should be '{expected}', got '{message.role}' (turns must alternate)"
             )
-    if not body or body[-1].role != "assistant":
-        raise FormatError("the conversation must end with an assistant response")
+    if not body or body[-1].role != last:
+        ends = (
+            "an assistant response" if last == "assistant" else "a user turn (the one the responses answer)"
+        )
+        raise FormatError(f"the conversation must end with {ends}")
 
 
 def _from_template(record: Mapping[str, Any], source: SourceSpec, key: str, seed: int) -> list[Message]:

@@ -1,7 +1,9 @@
 """Data preflight: scan (or sample) every source of a spec the way training will read it, and report.
 
 Counts per source, malformed records as `uri:line: reason`, token-length histogram, truncation, the share
-of tokens trained on, and a few rendered samples with masked and trained spans told apart. In the same pass,
+of tokens trained on, and a few rendered samples with masked and trained spans told apart. For a `preference`
+source, `lengths` are the chosen sides' token lengths, `rejected_lengths` the rejected ones', and the samples
+are `pair_samples` (prompt, chosen, rejected). In the same pass,
 the quality section (data/quality.py): exact and near duplicates within and across training sources, and the
 eval sets' overlap with training data. Eval sets are scanned first so training records are only streamed.
 """
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneplane.data.preference import PairExample, PreferenceStream
 from tuneplane.data.quality import Item, QualityScan
 from tuneplane.data.records import RawRecord
 from tuneplane.data.stream import InstructionStream, SourceStats
@@ -35,6 +38,13 @@ class SampleSpan:
 
 
 @dataclass
+class PairSample:
+    prompt: list[SampleSpan]  # shared by both sides, all masked
+    chosen: list[SampleSpan]
+    rejected: list[SampleSpan]
+
+
+@dataclass
 class SourceReport:
     name: str
     uri: str
@@ -44,15 +54,20 @@ class SourceReport:
     samples: list[list[SampleSpan]] = field(default_factory=list)
     fatal: str | None = None  # the error that stopped the scan (on_error: fail, or too many bad records)
     time_limited: bool = False  # the preflight's time budget ran out before this source was read through
+    preference: bool = False  # a `preference` source: pairs, counted as examples
+    rejected_lengths: list[int] = field(default_factory=list)
+    pair_samples: list[PairSample] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.fatal is None and (self.stats.examples > 0 or self.time_limited)
 
-    def histogram(self) -> list[tuple[str, int]]:
-        if not self.lengths:
+    def histogram(self, lengths: list[int] | None = None) -> list[tuple[str, int]]:
+        """Token lengths (default `lengths`: the examples, or the chosen sides) in HISTOGRAM_EDGES buckets."""
+        lengths = self.lengths if lengths is None else lengths
+        if not lengths:
             return []
-        counts, _ = np.histogram(self.lengths, bins=HISTOGRAM_EDGES)
+        counts, _ = np.histogram(lengths, bins=HISTOGRAM_EDGES)
         out = []
         for lo, hi, n in zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:], counts, strict=True):
             if n:
@@ -106,11 +121,28 @@ class PreflightReport:
                     "length_histogram": dict(s.histogram()),
                     "fatal": s.fatal,
                     "time_limited": s.time_limited,
+                    **_pair_figures(s),
                 }
                 for s in self.sources
             ],
             "quality": self.quality,
         }
+
+
+def _pair_figures(s: SourceReport) -> dict[str, Any]:
+    """What a preference source adds to its entry: the rejected sides' lengths beside the chosen ones'."""
+    if not s.preference:
+        return {}
+    mean = {
+        k: round(float(np.mean(v)), 1) if v else 0.0
+        for k, v in (("chosen", s.lengths), ("rejected", s.rejected_lengths))
+    }
+    return {
+        "pairs": s.stats.examples,
+        "chosen_length_mean": mean["chosen"],
+        "rejected_length_mean": mean["rejected"],
+        "rejected_length_histogram": dict(s.histogram(s.rejected_lengths)),
+    }
 
 
 def preflight(
@@ -190,14 +222,18 @@ def _scan_source(
 ) -> SourceReport:
     # One source alone through the stream machinery (same reader, renderer, tokenizer, limits as training).
     single = data.model_copy(update={"sources": [source], "eval_sources": [], "holdout_fraction": 0.0})
+    preference = source.format == "preference"
+    stream: InstructionStream | PreferenceStream
     try:
-        stream = InstructionStream(single, tokenizer, seed=seed)
+        stream = (PreferenceStream if preference else InstructionStream)(single, tokenizer, seed=seed)
     except DataError as exc:
         return SourceReport(
             source.display_name, source.uri, 0, SourceStats(source.display_name), fatal=str(exc)
         )
     reader = stream.readers[0]
-    report = SourceReport(source.display_name, source.uri, len(reader.files), stream.stats[0])
+    report = SourceReport(
+        source.display_name, source.uri, len(reader.files), stream.stats[0], preference=preference
+    )
     try:
         while not reader.cursor.done_in_epoch and (max_records is None or report.stats.records < max_records):
             if time.monotonic() > deadline:
@@ -211,15 +247,54 @@ def _scan_source(
                 if record is None:  # one full pass read
                     break
                 chunk.append((0, record))
-            conversations = stream.conversations(chunk)
-            feed([(key, conversation) for _, key, conversation in conversations])
-            for example in stream.tokenize_conversations(conversations):
-                report.lengths.append(len(example))
-                if len(report.samples) < samples:
-                    report.samples.append(_spans(example.input_ids, example.labels, tokenizer))
+            if isinstance(stream, PreferenceStream):
+                _scan_pairs(stream, chunk, report, samples, feed)
+            else:
+                _scan_examples(stream, chunk, report, samples, feed)
     except DataError as exc:
         report.fatal = str(exc)
     return report
+
+
+def _scan_examples(
+    stream: InstructionStream,
+    chunk: list[tuple[int, RawRecord]],
+    report: SourceReport,
+    samples: int,
+    feed: Feed,
+) -> None:
+    conversations = stream.conversations(chunk)
+    feed([(key, conversation) for _, key, conversation in conversations])
+    for example in stream.tokenize_conversations(conversations):
+        report.lengths.append(len(example))
+        if len(report.samples) < samples:
+            report.samples.append(_spans(example.input_ids, example.labels, stream.tokenizer))
+
+
+def _scan_pairs(
+    stream: PreferenceStream,
+    chunk: list[tuple[int, RawRecord]],
+    report: SourceReport,
+    samples: int,
+    feed: Feed,
+) -> None:
+    pairs = stream.pairs(chunk)
+    # Duplicates and contamination are judged on the chosen side (what to_conversation makes of a pair).
+    feed([(key, pair.conversation("chosen")) for _, key, pair in pairs])
+    for example in stream.tokenize_pairs(pairs):
+        report.lengths.append(len(example.chosen))
+        report.rejected_lengths.append(len(example.rejected))
+        if len(report.pair_samples) < samples:
+            report.pair_samples.append(_pair_sample(example, stream.tokenizer))
+
+
+def _pair_sample(example: PairExample, tokenizer: Any) -> PairSample:
+    cut = example.prompt_len
+    prompt = example.chosen.input_ids[:cut]
+    return PairSample(
+        _spans(prompt, np.full(len(prompt), IGNORE_INDEX), tokenizer),
+        *(_spans(e.input_ids[cut:], e.labels[cut:], tokenizer) for e in (example.chosen, example.rejected)),
+    )
 
 
 def _spans(ids: np.ndarray, labels: np.ndarray, tokenizer: Any) -> list[SampleSpan]:

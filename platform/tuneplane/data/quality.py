@@ -30,7 +30,7 @@ from tuneplane.data.formats import Conversation, to_conversation
 from tuneplane.data.keyset import KeySet
 from tuneplane.data.minhash import NUM_PERM, Features, Featuriser, digest64
 from tuneplane.data.records import expand, read_records
-from tuneplane.data.stream import required_columns
+from tuneplane.data.sources import required_columns
 from tuneplane.errors import DataError, FormatError
 from tuneplane.spec import DataSpec, SourceSpec, TuningSpec
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneplane.data.formats import Conversation
+from tuneplane.data.formats import Conversation, PreferencePair
 from tuneplane.errors import FormatError
 from tuneplane.spec import TemplateName
 
@@ -38,6 +38,28 @@ def render(conversation: Conversation, template: TemplateName, tokenizer: Any) -
     if template == "tokenizer":
         return _render_chat_template(conversation, tokenizer)
     return _RENDERERS[template](conversation, tokenizer)
+
+
+def render_pair(
+    pair: PreferencePair, template: TemplateName, tokenizer: Any
+) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """A preference pair -> (prompt, chosen, rejected) segments; prompt + side renders as `render` renders
+    that side's conversation. Only the final response is trainable: assistant turns inside the context are
+    masked. The prompt is taken from the chosen rendering, and the rejected one must render the very same
+    prompt (built-in templates always do; a tokenizer chat template that looks at the last answer while
+    rendering earlier text is refused), so both sides share identical prompt tokens."""
+    prompt, chosen = _split_last_response(render(pair.conversation("chosen"), template, tokenizer))
+    other, rejected = _split_last_response(render(pair.conversation("rejected"), template, tokenizer))
+    if other != prompt:
+        raise FormatError("the template renders the prompt differently for chosen and rejected")
+    return [Segment(s.text, False, s.literal) for s in prompt], chosen, rejected
+
+
+def _split_last_response(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+    # Every renderer emits a response's text as one trainable record-text segment; the last one starts the
+    # final answer.
+    start = max(i for i, s in enumerate(segments) if s.trainable and s.literal)
+    return segments[:start], segments[start:]
 
 
 def _bos(tokenizer: Any) -> list[Segment]:

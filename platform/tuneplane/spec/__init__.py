@@ -32,7 +32,7 @@ from tuneplane.spec.method import (
     PartialMethod,
     weights_trained,
 )
-from tuneplane.spec.model import ModelSpec
+from tuneplane.spec.model import ModelSpec, registered_team
 from tuneplane.spec.run import (
     CheckpointSpec,
     DistributedSpec,
@@ -86,6 +86,7 @@ __all__ = [
     "model_location_kind",
     "parse_spec",
     "parse_spec_text",
+    "registered_team",
     "resolve_paths",
     "spec_hash",
     "weights_trained",

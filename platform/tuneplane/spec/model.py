@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from tuneplane.spec._fields import MAX_URI, LocationKind, _check_uri, _Strict, model_location_kind
+
+# A registered version by number: what a job was tuned from must not change under it (no aliases or `latest`).
+_REGISTERED = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]{0,255}/[1-9][0-9]{0,8}$")
+
+
+def registered_team(uri: str) -> str:
+    """The team a registered model belongs to: `<team>.<name>` names are the platform's (tracking.py)."""
+    return uri.removeprefix("models:/").split("/", 1)[0].split(".", 1)[0]
 
 
 class ModelSpec(_Strict):
@@ -32,7 +41,22 @@ class ModelSpec(_Strict):
         "it on when the memory estimate without it does not fit the worker's GPU (never on CPU).",
     )
 
+    adapter: str | None = Field(
+        None,
+        max_length=MAX_URI,
+        description="Start from a registered adapter, `models:/<team>.<name>/<version>` (e.g. DPO after an SFT "
+        "job): LoRA methods go on training it (its own rank and targets), full fine-tuning starts from base + "
+        "adapter merged. It must have been tuned from the same `base`; the new version records it as its parent.",
+    )
+
     _uri = field_validator("base", "tokenizer")(lambda v: None if v is None else _check_uri(v))
+
+    @field_validator("adapter")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None and not _REGISTERED.match(value):
+            raise ValueError("use a registered model version, models:/<team>.<name>/<version>")
+        return value
 
     @property
     def base_kind(self) -> LocationKind:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +32,12 @@ def torch_dtype(spec: TuningSpec, on_gpu: bool) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_model(spec: TuningSpec, on_gpu: bool, world_size: int | None = None) -> torch.nn.Module:
+def load_model(
+    spec: TuningSpec, on_gpu: bool, world_size: int | None = None, adapter: Path | None = None
+) -> torch.nn.Module:
     """The base model (from a folder, object storage or the hub) with activation checkpointing as the spec
-    decides and its method applied. `world_size` (default: the process group's) feeds the `auto` decision."""
+    decides and its method applied, starting from `adapter` (`model.adapter`, fetched by the caller) if given.
+    `world_size` (default: the process group's) feeds the `auto` decision."""
     from transformers import AutoModelForCausalLM
 
     attn = "flash_attention_2" if on_gpu and _has_flash_attn() else "sdpa"
@@ -58,7 +62,7 @@ def load_model(spec: TuningSpec, on_gpu: bool, world_size: int | None = None) ->
         # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs;
         # with `partial` it would run the backward through every frozen layer. (PEFT adds it back for LoRA.)
         model.disable_input_require_grads()
-    return apply_method(model, spec)
+    return apply_method(model, spec, adapter)
 
 
 def _world_size() -> int:
@@ -105,8 +109,15 @@ def _has_flash_attn() -> bool:
     return True
 
 
-def apply_method(model: torch.nn.Module, spec: TuningSpec) -> torch.nn.Module:
+def apply_method(model: torch.nn.Module, spec: TuningSpec, adapter: Path | None = None) -> torch.nn.Module:
     method = weights_trained(spec.method)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if isinstance(method, LoraMethod):  # go on training it, with its own rank and targets
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        # Folded into plain weights, which PEFT left frozen: the method below decides what trains.
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().requires_grad_(True)
     if isinstance(method, LoraMethod):
         from peft import LoraConfig, get_peft_model
 

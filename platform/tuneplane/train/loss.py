@@ -50,6 +50,14 @@ def causal_lm_loss(
     """Mean next-token cross-entropy of `batch` (the dict of `Batch.to_torch`) under `model`: a DeepSpeed
     engine, a PEFT model or a plain HF causal LM. With a `tally`, per-source sums are added to it (except on
     Liger's fused kernel, which gives the mean only)."""
+    return head_loss(
+        model.get_output_embeddings(), decoder_output(model, batch), batch["labels"], chunk_tokens, tally
+    )
+
+
+def decoder_output(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states [rows, positions, hidden] for `batch`, with no position projected onto the
+    vocabulary: the model is called as usual (ZeRO-3 hooks, PEFT, packing), only `logits_to_keep` keeps nothing."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     no_position = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     # The decoder's output (after the final norm) is taken by a hook rather than `output_hidden_states`, which
@@ -60,7 +68,7 @@ def causal_lm_loss(
         model(**inputs, use_cache=False, logits_to_keep=no_position)
     finally:
         hook.remove()
-    return head_loss(model.get_output_embeddings(), final[-1], batch["labels"], chunk_tokens, tally)
+    return final[-1]
 
 
 def head_loss(
@@ -71,35 +79,59 @@ def head_loss(
     tally: SourceTally | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `head(hidden)` against `labels` shifted by one, projecting only the scored positions."""
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    scored = targets != IGNORE_INDEX
-    hidden = hidden.reshape(-1, hidden.shape[-1])[scored]
-    targets = targets[scored]
+    scored = scored_positions(labels)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[scored.reshape(-1)]
+    targets = shifted_targets(labels)[scored]
     if _liger_applies(head, hidden):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(
             head.weight, hidden, targets, head.bias
         )
+    token_losses = chunked_token_losses(head, hidden, targets, chunk_tokens)
+    if tally is not None:
+        tally.add(slice(None), token_losses)
+    # No scored token (every label masked) gives 0 rather than HF's 0/0 = NaN, which would poison the weights.
+    return token_losses.sum() / max(len(targets), 1)
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """HF's shift: the target of position t is labels[t + 1]; the last position has none."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[rows, positions] mask of the positions that have a target (the shifted label is not IGNORE_INDEX)."""
+    return shifted_targets(labels) != IGNORE_INDEX
+
+
+def chunked_token_losses(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of `head(hidden)` [tokens, hidden] against `targets` [tokens], projecting
+    chunk_tokens rows at a time, each chunk recomputed in backward: at most one chunk's logits exist at once."""
     zero3 = _zero3_partitioned(head)
     # Under ZeRO-3 the head's weight is released in place right after its forward, so the recomputed weight
     # reads as empty when checkpoint compares metadata; the backward itself re-gathers it (ZeRO's pre-backward
     # hook on the head's output runs before the matmul's backward), so that check is skipped there.
     check = "none" if zero3 else "default"
-    total = hidden.new_zeros((), dtype=torch.float32)
+    parts = [hidden.new_zeros(0, dtype=torch.float32)]
     for part in range(_chunk_count(len(targets), chunk_tokens, zero3, hidden.device)):
         rows = slice(part * chunk_tokens, (part + 1) * chunk_tokens)
         if torch.is_grad_enabled():
-            token_losses = checkpoint(
-                _token_losses, head, hidden[rows], targets[rows], use_reentrant=False, determinism_check=check
+            parts.append(
+                checkpoint(
+                    _token_losses,
+                    head,
+                    hidden[rows],
+                    targets[rows],
+                    use_reentrant=False,
+                    determinism_check=check,
+                )
             )
         else:
-            token_losses = _token_losses(head, hidden[rows], targets[rows])
-        total = total + token_losses.sum()
-        if tally is not None:
-            tally.add(rows, token_losses)
-    # No scored token (every label masked) gives 0 rather than HF's 0/0 = NaN, which would poison the weights.
-    return total / max(len(targets), 1)
+            parts.append(_token_losses(head, hidden[rows], targets[rows]))
+    return torch.cat(parts)
 
 
 def _token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

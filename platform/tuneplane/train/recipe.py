@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
-from tuneplane.pretrained import load_tokenizer
+from tuneplane.pretrained import fetch_adapter, load_tokenizer
 from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
 from tuneplane.train import checkpointing, evaluate
@@ -104,7 +104,7 @@ class InstructionTuningRecipe:
         self.run = JobRun(self.settings.tracking_uri, self.settings.run_id) if self.rank == 0 else JobRun()
         self.tokenizer = load_tokenizer(spec.model)
         self.drop = KeySet.from_bytes(self.settings.drop) if self.settings.drop else None
-        model = load_model(spec, on_gpu)
+        model = load_model(spec, on_gpu, adapter=self._fetch_adapter())
         params = count_params(model)
         self.run.log_params({"model.params.total": params.total, "model.params.trainable": params.trainable})
         self.total_steps = hp.max_steps or self._steps_for_epochs()
@@ -138,6 +138,13 @@ class InstructionTuningRecipe:
 
     def _has_eval_data(self) -> bool:
         return bool(self.spec.data.eval_sources) or self.spec.data.holdout_fraction > 0
+
+    def _fetch_adapter(self) -> Path | None:
+        """The registered adapter this job starts from (`model.adapter`), in a folder kept for the run."""
+        if not self.spec.model.adapter:
+            return None
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="tuneplane-adapter-")
+        return fetch_adapter(self.spec.model, self.settings.tracking_uri, Path(self._adapter_dir.name))
 
     def _stream(self, state: dict[str, Any] | None = None) -> InstructionStream:
         hp = self.spec.hyperparameters
