@@ -293,3 +293,29 @@ def test_a_backend_refusal_is_retried_and_a_cancel_before_hand_over_is_final(pla
         cancel_job(s, BETA, other)
     rec.run_once()
     assert states(db)[other] == "CANCELLED" and backend.submits[other] == 0
+
+
+def test_a_lost_race_on_an_idempotency_key_answers_as_the_retry_it_is(plane, spec, monkeypatch) -> None:
+    """Two requests with one Idempotency-Key can both pass the lookup (replicas on PostgreSQL; found by the API
+    fuzzer as a 500 on SQLite): the database's unique index decides, and the loser gets the winner's job."""
+    from tuneplane.errors import Conflict
+    from tuneplane.store import jobs as store_jobs
+
+    _, db, _ = plane
+    with db.session() as s:
+        first = create_job(s, ALPHA, spec, 0, "key-1")[0].id
+    real, calls = store_jobs._by_key, []
+
+    def blind_once(*args):  # the lookup of the request that lost the race saw nothing yet
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(store_jobs, "_by_key", blind_once)
+    with db.session() as s:
+        job, created = create_job(s, ALPHA, spec, 0, "key-1")
+        assert (job.id, created) == (first, False)
+    calls.clear()
+    other = spec.model_copy(update={"name": "other"})
+    with db.session() as s, pytest.raises(Conflict, match="different spec"):
+        create_job(s, ALPHA, other, 0, "key-1")
+    assert list(states(db)) == [first]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, selectinload
 
 from tuneplane.errors import Conflict, NotFound, QuotaExceeded
@@ -66,14 +67,8 @@ def create_job(
     has `max_waiting` jobs waiting gets QuotaExceeded instead of a new one.
     """
     digest = spec_hash(spec)
-    if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.team == principal.team, Job.idempotency_key == idempotency_key)
-        )
-        if existing is not None:
-            if existing.spec_hash != digest:
-                raise Conflict("Idempotency-Key was already used for a different spec")
-            return existing, False
+    if idempotency_key and (existing := _by_key(session, principal.team, idempotency_key, digest)):
+        return existing, False
     if max_waiting is not None and count_waiting(session, principal.team) >= max_waiting:
         raise QuotaExceeded(
             f"team {principal.team} has {max_waiting} jobs waiting, its limit; cancel some or wait for them to start"
@@ -92,12 +87,35 @@ def create_job(
         idempotency_key=idempotency_key,
         attempts=[],  # known empty: no lazy load when the response counts them
     )
-    session.add(job)
-    session.add(
-        JobEvent(job=job, kind="state", to_state=JobState.PENDING, actor=principal.actor, message="submitted")
-    )
-    session.flush()
+    try:
+        with session.begin_nested():  # a savepoint: a lost race on the key undoes only this insert
+            session.add(job)
+            session.add(
+                JobEvent(
+                    job=job,
+                    kind="state",
+                    to_state=JobState.PENDING,
+                    actor=principal.actor,
+                    message="submitted",
+                )
+            )
+            session.flush()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key got there first (the database's unique index is the
+        # arbiter, not the lookup above): answer as that request's retry, never with a 500.
+        existing = _by_key(session, principal.team, idempotency_key or "", digest)
+        if existing is None:
+            raise Conflict("Idempotency-Key was already used") from None
+        return existing, False
     return job, True
+
+
+def _by_key(session: Session, team: str, key: str, digest: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created; Conflict if it was for another spec."""
+    existing = session.scalar(select(Job).where(Job.team == team, Job.idempotency_key == key))
+    if existing is not None and existing.spec_hash != digest:
+        raise Conflict("Idempotency-Key was already used for a different spec")
+    return existing
 
 
 def get_job(session: Session, principal: Principal, job_id: str, lock: bool = False) -> Job:
