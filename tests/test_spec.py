@@ -266,12 +266,18 @@ def test_data_quality_fields() -> None:
     assert "data.near_dup_threshold" in _problems(_with(data__near_dup_threshold=0.2))
 
 
-def test_preference_pairs_need_a_preference_method_which_is_refused_until_its_recipe_lands() -> None:
+def test_preference_pairs_and_preference_methods_go_together() -> None:
     pairs = _with(data__sources=[{"uri": "s3://data/prefs.jsonl", "format": "preference"}])
+    assert "method.type lora trains on instruction records" in _problems(pairs)["data.sources[0].format"]
+    dpo = parse_spec(pairs | {"method": {"type": "dpo", "beta": 0.2, "lora": {"r": 4}}})
+    assert dpo.method.type == "dpo" and dpo.method.lora.r == 4
     assert (
-        "'preference' pairs train with method.type dpo or orpo" in _problems(pairs)["data.sources[0].format"]
+        "trains on 'preference' pairs" in _problems(_with(method={"type": "orpo"}))["data.sources[0].format"]
     )
-    assert "not accepted yet" in _problems(pairs | {"method": {"type": "dpo", "beta": 0.2}})["method.type"]
+    assert (
+        "frozen reference copy"
+        in _problems(pairs | {"method": {"type": "dpo", "base": "full"}})["method.base"]
+    )
     assert "method.beta" in _problems(pairs | {"method": {"type": "dpo", "beta": 0}})
 
 

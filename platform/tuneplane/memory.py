@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneplane.spec import (
+    DpoMethod,
     FullMethod,
     LoraMethod,
+    OrpoMethod,
     TuningSpec,
     effective_zero_stage,
     model_location_kind,
@@ -300,7 +302,9 @@ def estimate(
     w = _dtype_bytes(spec, on_gpu)
     dist, hp = spec.distributed, spec.hyperparameters
     stage = effective_zero_stage(dist, world_size)
-    tokens = spec.data.max_seq_len * hp.micro_batch_size
+    # A preference micro-batch holds both sides of each pair: twice the rows (the reference forward keeps none).
+    pair_sides = 2 if isinstance(spec.method, DpoMethod | OrpoMethod) else 1
+    tokens = spec.data.max_seq_len * hp.micro_batch_size * pair_sides
     trainable, extra = _trainable_params(spec, shape)
     weights = (shape.params + extra) * w
     if isinstance(spec.method, LoraMethod) and spec.method.quantize == "4bit":  # QLoRA: NF4 decoder linears

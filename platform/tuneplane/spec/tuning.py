@@ -77,17 +77,18 @@ class TuningSpec(_Strict):
     @model_validator(mode="after")
     def _data_fits_the_method(self) -> TuningSpec:
         preference = isinstance(self.method, DpoMethod | OrpoMethod)
-        if preference:
-            # Data format, loss and stream are in place; the recipe that trains them is not yet (issue 13).
+        if isinstance(self.method, DpoMethod) and self.method.base == "full":
+            # The reference would be a second, frozen copy of the model; only the adapter-disabled one exists.
             raise ValueError(
-                f"method.type: '{self.method.type}' is not accepted yet: preference tuning is still being built"
+                "method.base: DPO with 'full' needs a frozen reference copy, which this version does not build; "
+                "use base 'lora' (the reference is the model with its adapter disabled) or method.type 'orpo'"
             )
         for field, source in self.source_fields():
-            if source.format == "preference" and not preference:
-                raise ValueError(
-                    f"{field}.format: 'preference' pairs train with method.type dpo or orpo, "
-                    f"not {self.method.type}"
-                )
+            if field.startswith("eval.zero_shot_sources"):
+                continue  # zero-shot tasks are generation tasks for every method
+            if (source.format == "preference") != preference:
+                wanted = "'preference' pairs" if preference else "instruction records (not 'preference')"
+                raise ValueError(f"{field}.format: method.type {self.method.type} trains on {wanted}")
         return self
 
     @model_validator(mode="before")

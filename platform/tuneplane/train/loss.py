@@ -36,9 +36,11 @@ class SourceTally:
         self.ids = torch.from_numpy(target_sources).to(device)  # Batch.target_sources(), one per target
         self.loss = torch.zeros(sources, dtype=torch.float64, device=device)
         self.count = torch.bincount(self.ids, minlength=sources).to(torch.float64)
+        self.has_loss = False  # counts only until a loss adds its per-token values (not for preference pairs)
 
     def add(self, rows: slice, token_losses: torch.Tensor) -> None:
         self.loss.index_add_(0, self.ids[rows], token_losses.detach().to(torch.float64))
+        self.has_loss = True
 
 
 def causal_lm_loss(

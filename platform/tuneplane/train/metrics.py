@@ -66,6 +66,7 @@ class StepWindow:
         flops_token: float,
         source_names: list[str] | None = None,
         source_tokens: list[float] | None = None,
+        extra_keys: tuple[str, ...] = (),
     ) -> None:
         self.device, self.world, self.flops_token = device, world, flops_token
         self.peak = peak_flops(device)
@@ -78,13 +79,38 @@ class StepWindow:
         self.source_totals = list(source_tokens) if source_tokens else [0.0] * n
         self._source_loss = torch.zeros(n, dtype=torch.float64, device=device)
         self._source_count = torch.zeros(n, dtype=torch.float64, device=device)
+        self._source_losses = (
+            False  # whether the loss reported per-source values (SFT) or counts only (pairs)
+        )
+        # Method-specific means (DPO's rewards, ...): summed per micro-step, averaged over steps and ranks.
+        self.extra_keys = extra_keys
+        self._extras = torch.zeros(len(extra_keys) + 1, dtype=torch.float64, device=device)
 
-    def add(self, loss: float, tokens: int, tally: SourceTally | None = None) -> None:
+    def add(
+        self,
+        loss: float,
+        tokens: int,
+        tally: SourceTally | None = None,
+        extras: dict[str, float] | None = None,
+    ) -> None:
         self.losses.append(loss)
         self.tokens += tokens
+        if extras is not None:
+            values = [extras[key] for key in self.extra_keys] + [1.0]
+            self._extras += torch.tensor(values, dtype=torch.float64, device=self.device)
         if tally is not None:
+            self._source_losses = self._source_losses or tally.has_loss
             self._source_loss += tally.loss
             self._source_count += tally.count
+
+    def _close_extras(self) -> dict[str, float]:
+        if not self.extra_keys:
+            return {}
+        dist.all_reduce(self._extras)
+        count = max(self._extras[-1].item(), 1.0)
+        out = {key: self._extras[i].item() / count for i, key in enumerate(self.extra_keys)}
+        self._extras.zero_()
+        return out
 
     def _close_sources(self) -> dict[str, float]:
         if not self.source_names:
@@ -96,7 +122,7 @@ class StepWindow:
             loss, count = both[0, i].item(), both[1, i].item()
             self.source_totals[i] += count
             out[f"source_tokens/{name}"] = self.source_totals[i]
-            if count:
+            if count and self._source_losses:
                 out[f"source_loss/{name}"] = loss / count
         self._source_loss.zero_()
         self._source_count.zero_()
@@ -124,7 +150,7 @@ class StepWindow:
             "tflops_per_device": flops_per_s / 1e12,
             "mfu": flops_per_s / self.peak if self.peak else 0.0,
         }
-        metrics |= self._close_sources()
+        metrics |= self._close_sources() | self._close_extras()
         self.losses, self.tokens, self.started = [], 0, time.perf_counter()
         return metrics
 

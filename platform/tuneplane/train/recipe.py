@@ -20,7 +20,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
 from tuneplane.pretrained import fetch_adapter, load_tokenizer
-from tuneplane.spec import TuningSpec, parse_spec
+from tuneplane.spec import DpoMethod, OrpoMethod, TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
 from tuneplane.train import checkpointing, evaluate
 from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
@@ -66,8 +66,14 @@ class RecipeState:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point."""
-    recipe = InstructionTuningRecipe(parse_spec(config["spec"]), config["settings"])
+    """Ray Train's per-worker entry point: the preference recipe for DPO/ORPO, this one for the rest."""
+    spec = parse_spec(config["spec"])
+    recipe_class = InstructionTuningRecipe
+    if isinstance(spec.method, DpoMethod | OrpoMethod):
+        from tuneplane.train.preference_recipe import PreferenceTuningRecipe
+
+        recipe_class = PreferenceTuningRecipe
+    recipe = recipe_class(spec, config["settings"])
     if not recipe.setup():
         return  # a re-run of a job that already finished: its result was handed back
     recipe.train()
@@ -76,6 +82,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 class InstructionTuningRecipe:
+    WINDOW_EXTRAS: tuple[str, ...] = ()  # method-specific step metrics a subclass records (see StepWindow)
+
     def __init__(self, spec: TuningSpec, settings: WorkerSettings):
         self.spec, self.settings = spec, settings
         self.state = RecipeState()
@@ -121,8 +129,9 @@ class InstructionTuningRecipe:
         self.stream = self._stream(state=data_state)
         self.sources = source_names(spec.data)
         self.window = StepWindow(
-            self.device, self.world, flops_per_token(spec, params), self.sources, self.state.source_tokens
-        )
+            self.device, self.world, flops_per_token(spec, params), self.sources, self.state.source_tokens,
+            self.WINDOW_EXTRAS,
+        )  # fmt: skip
         self._measure_base()
         return True
 
@@ -207,19 +216,26 @@ class InstructionTuningRecipe:
                 self.state.epochs += 1
                 return
             idle = batch is None
-            if batch is None:
-                batch = Batch.idle(self.stream.pad_id, self.spec.data.packing)
-            tally = None if idle else SourceTally(batch.target_sources(), len(self.sources), self.device)
-            loss = causal_lm_loss(self.engine, batch.to_torch(self.device), tally=tally)
+            loss, record = self.loss(batch if batch is not None else self.idle_batch())
             # DeepSpeed averages gradients over all ranks: weigh the ones with data so the update is their mean.
             self.engine.backward(loss * (0.0 if idle else self.world / active))
             before = self.engine.global_steps
             self.engine.step()
-            if not idle:
-                self.window.add(loss.item(), batch.num_tokens, tally)
+            if batch is not None:
+                record()
                 self.step_keys += [key for row in batch.keys for key in row]
             if self.engine.global_steps != before:  # an optimizer step, not only an accumulation
                 self._after_step()
+
+    def idle_batch(self) -> Batch:
+        return Batch.idle(self.stream.pad_id, self.spec.data.packing)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The micro-batch's loss, and what to record into the step window once it has been stepped on."""
+        real = batch.num_tokens > 0  # an idle batch has no source to tally
+        tally = SourceTally(batch.target_sources(), len(self.sources), self.device) if real else None
+        loss = causal_lm_loss(self.engine, batch.to_torch(self.device), tally=tally)
+        return loss, lambda: self.window.add(loss.item(), batch.num_tokens, tally)
 
     def _after_step(self) -> None:
         spec, step = self.spec, self.engine.global_steps

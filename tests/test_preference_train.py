@@ -1,0 +1,108 @@
+"""Preference tuning for real: Ray Train (2 workers, gloo) + DeepSpeed ZeRO + PEFT + MLflow, on CPU, with the
+tiny DPO job (jobs/tiny-dpo.yaml): it learns the held-out preference, registers an adapter that generates in
+the chosen style, and resumes exactly after a worker is killed under ZeRO-3."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.config import REPO
+from tests.test_train import _kill_a_worker_after_first_checkpoint, _mk, _settings, _trace
+from tuneplane.devtools.synth_prefs import CURT, POLITE
+from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
+from tuneplane.train import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(tiny_dir: Path, **overrides: Any) -> TuningSpec:
+    data = yaml.safe_load((REPO / "jobs" / "tiny-dpo.yaml").read_text())
+    data["model"]["base"] = str(tiny_dir)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return resolve_paths(parse_spec(data), REPO / "jobs")
+
+
+def test_dpo_learns_the_heldout_preference_and_registers_an_adapter_that_replies_politely(
+    ray_local, tiny_dir, tmp_path
+) -> None:
+    import mlflow
+
+    settings = _settings(tmp_path, "dpo")
+    result = run(_spec(tiny_dir), settings)
+    m = result.metrics
+    assert m["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is its own reference
+    assert m["eval/rewards/accuracy"] >= 0.85, m  # from 0.5 (every pair tied) before training
+    assert m["eval_loss"] < 0.3 and result.gate is not None and result.gate["status"] == "passed"
+    assert result.model_uri == "models:/tiny-dpo-adapter/1"
+
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    for key in ("rewards/margin", "rewards/accuracy", "rewards/chosen", "rewards/rejected", "loss"):
+        history = client.get_metric_history(result.run_id or "", key)
+        assert [h.step for h in history][-1] == 120, key
+    margins = client.get_metric_history(result.run_id or "", "rewards/margin")
+    assert margins[-1].value > margins[0].value > 0
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    held_out = [
+        json.loads(line) for line in (REPO / "jobs/data/prefs-tone-eval.jsonl").read_text().splitlines()
+    ]
+    prompts = [p["prompt"] for p in held_out if "prompt" in p][:12]
+    replies = model.predict(prompts)
+    polite = [r for r in replies if r.startswith(tuple(t.split(" {}")[0].split("!")[0] for t in POLITE))]
+    curt = [r for r in replies if r.startswith(tuple(t.split(" ")[0] for t in CURT))]
+    assert len(polite) >= 0.75 * len(replies) and not curt, replies
+
+
+def test_dpo_under_zero3_resumes_after_a_killed_worker_without_repeating_a_pair(
+    ray_local, tiny_dir, tmp_path
+) -> None:
+    overrides = {
+        "distributed.zero_stage": 3,
+        "distributed.max_failures": 2,
+        "hyperparameters.max_steps": 30,
+        "checkpointing.every_n_steps": 10,
+        "tracking.log_every_n_steps": 1,
+        "eval.gate": None,
+    }
+    spec = _spec(tiny_dir, **copy.deepcopy(overrides))
+    clean = run(
+        spec, _settings(tmp_path / "clean", "clean", example_log_dir=str(_mk(tmp_path / "trace-clean")))
+    )
+
+    killed: list[int] = []
+    storage = tmp_path / "faulty" / "runs"
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, "faulty", killed))
+    killer.start()
+    faulty = run(
+        spec, _settings(tmp_path / "faulty", "faulty", example_log_dir=str(_mk(tmp_path / "trace-faulty")))
+    )
+    killer.join()
+    assert killed, "no worker was killed"
+    clean_trace, faulty_trace = _trace(tmp_path / "trace-clean"), _trace(tmp_path / "trace-faulty")
+    assert faulty_trace == clean_trace  # the same pairs at every step, after the resume too
+    flat = [k for keys in faulty_trace.values() for k in keys]
+    assert len(flat) == 2 * len(set(flat))  # each pair's key twice (its two sides), no pair seen again
+    assert faulty.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], rel=1e-4)
