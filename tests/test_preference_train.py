@@ -12,40 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support.config import REPO
-from tests.test_train import _kill_a_worker_after_first_checkpoint, _mk, _settings, _trace
+from tests.test_train import _kill_a_worker_after_first_checkpoint, _mk, _settings, _trace, ray_local  # noqa: F401
+from tests.test_train import _spec as train_spec
 from tuneplane.devtools.synth_prefs import CURT, POLITE
-from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
+from tuneplane.spec import TuningSpec
 from tuneplane.train import run
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]  # test_train's Ray, one per module
 
 
 def _spec(tiny_dir: Path, **overrides: Any) -> TuningSpec:
-    data = yaml.safe_load((REPO / "jobs" / "tiny-dpo.yaml").read_text())
-    data["model"]["base"] = str(tiny_dir)
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return resolve_paths(parse_spec(data), REPO / "jobs")
+    return train_spec(tiny_dir, "tiny-dpo.yaml", **overrides)
 
 
 def test_dpo_learns_the_heldout_preference_and_registers_an_adapter_that_replies_politely(
-    ray_local, tiny_dir, tmp_path
+    tiny_dir, tmp_path
 ) -> None:
     import mlflow
 
@@ -76,9 +59,7 @@ def test_dpo_learns_the_heldout_preference_and_registers_an_adapter_that_replies
     assert len(polite) >= 0.75 * len(replies) and not curt, replies
 
 
-def test_dpo_under_zero3_resumes_after_a_killed_worker_without_repeating_a_pair(
-    ray_local, tiny_dir, tmp_path
-) -> None:
+def test_dpo_under_zero3_resumes_after_a_killed_worker_without_repeating_a_pair(tiny_dir, tmp_path) -> None:
     overrides = {
         "distributed.zero_stage": 3,
         "distributed.max_failures": 2,

@@ -32,8 +32,9 @@ def ray_local():
     ray.shutdown()
 
 
-def _spec(tiny_dir: Path, **overrides: Any) -> TuningSpec:
-    data = yaml.safe_load((REPO / "jobs" / "tiny-cpu.yaml").read_text())
+def _spec(tiny_dir: Path, job: str = "tiny-cpu.yaml", **overrides: Any) -> TuningSpec:
+    """A shipped job (jobs/JOB) on the session's tiny model, with dotted-key overrides."""
+    data = yaml.safe_load((REPO / "jobs" / job).read_text())
     data["model"]["base"] = str(tiny_dir)
     for dotted, value in overrides.items():
         node = data

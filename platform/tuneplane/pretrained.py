@@ -135,6 +135,11 @@ def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Pat
     into.mkdir(parents=True, exist_ok=True)
     try:
         found = MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version)
+        base = found.tags.get("tuneplane.base_model")
+        if base != model.base:  # checked before any download: a refused version costs no transfer
+            raise PretrainedError(
+                f"model.adapter: {uri} was tuned from {base}, and this job's model.base is {model.base}"
+            )
         repo = ModelsArtifactRepository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
         description = yaml.safe_load(Path(repo.download_artifacts("MLmodel", str(into))).read_text())
         path = description["flavors"]["python_function"]["artifacts"]["model"]["path"]
@@ -143,11 +148,6 @@ def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Pat
         raise PretrainedError(
             f"model.adapter: {uri}: cannot fetch: {clip(str(exc).splitlines()[0])}"
         ) from None
-    base = found.tags.get("tuneplane.base_model")
-    if base != model.base:
-        raise PretrainedError(
-            f"model.adapter: {uri} was tuned from {base}, and this job's model.base is {model.base}"
-        )
     if not (folder / "adapter_config.json").is_file():
         raise PretrainedError(f"model.adapter: {uri} holds a full model, not an adapter")
     return folder
