@@ -16,7 +16,8 @@ from tests.support.config import REPO, platform_config
 from tuneplane.admission import policy_problems
 from tuneplane.errors import PretrainedError, SpecError
 from tuneplane.pretrained import fetch_adapter
-from tuneplane.spec import TuningSpec, load_spec, parse_spec
+from tuneplane.spec import TuningSpec, adapter_is_job_id, load_spec, parse_spec
+from tuneplane.store.jobs import new_job_id
 from tuneplane.train.builders import load_model
 
 FINAL = {"step": 1, "tokens": 10}
@@ -129,11 +130,18 @@ def test_a_team_builds_only_on_its_own_versions_and_by_number(tiny_dir, tmp_path
     problems = dict(policy_problems(spec, "alpha", config))
     assert problems["model.adapter"] == "models:/beta.secret-adapter/1 is not a model of team alpha"
     assert "model.adapter" not in dict(policy_problems(spec, "beta", config))
+    for name in ("tiny-cpu", "a" * 63):  # what the store's ids look like is what the spec takes as a job id
+        job_id = new_job_id(name)
+        assert adapter_is_job_id(job_id) and parse_spec(_spec(tiny_dir, adapter=job_id).to_dict())
+    with pytest.raises(PretrainedError, match="a job id is resolved by the API on submit"):
+        fetch_adapter(_spec(tiny_dir, adapter=new_job_id("sft")).model, "sqlite:///x.db", tmp_path)
     for bad in (
         "models:/alpha.x/latest",
         "models:/alpha.x@champion",
         "s3://bucket/adapter",
         "models:/../x/1",
     ):
-        with pytest.raises(SpecError, match=re.escape("model.adapter: use a registered model version")):
+        with pytest.raises(
+            SpecError, match=re.escape("model.adapter: use a registered model version, models:/")
+        ):
             parse_spec(_spec(tiny_dir).to_dict() | {"model": {"base": str(tiny_dir), "adapter": bad}})

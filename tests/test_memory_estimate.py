@@ -94,6 +94,24 @@ def test_the_shipped_recipes_fit_their_pool(recipe: str) -> None:
     assert not fits(estimate(spec, shape, world, checkpointing=False).total, H100_BYTES)
 
 
+def test_dpo_counts_its_reference_copy_of_the_starting_model() -> None:
+    """A full fine-tune's frozen reference is a whole copy (1/N of it under ZeRO-3); continuing an SFT adapter
+    holds that adapter twice; a fresh adapter is switched off for the reference and costs nothing."""
+    shape = KNOWN_SHAPES["llama-3-8b"][1]
+    raw = load_spec(REPO / "jobs" / "llama3-8b-dpo.yaml").to_dict()
+    lora_reference = estimate(parse_spec(raw), shape, 8, checkpointing=True).parts["reference"]
+    r, hidden, kv = 16, shape.hidden, shape.kv_heads * shape.head_dim  # all-linear, rank 16, bf16
+    adapter = shape.layers * r * (4 * hidden + 2 * (hidden + kv) + 3 * (hidden + shape.intermediate))
+    assert lora_reference == 2 * adapter
+    del raw["model"]["adapter"]
+    assert estimate(parse_spec(raw), shape, 8, checkpointing=True).parts["reference"] == 0
+    for stage, share in [(2, 1), (3, 8)]:
+        distributed = raw["distributed"] | {"zero_stage": stage}
+        full = parse_spec(raw | {"method": {"type": "dpo", "base": "full"}, "distributed": distributed})
+        parts = estimate(full, shape, 8, checkpointing=True).parts
+        assert parts["reference"] == 2 * shape.params // share, stage
+
+
 def test_the_table_holds_the_published_parameter_counts() -> None:
     published = {
         "llama-3-8b": 8_030_261_248,

@@ -1,5 +1,5 @@
-"""Preference losses (train/preference_loss.py): the chunked sequence log-probs, the adapter-disabled reference,
-and DPO / IPO / conservative DPO / RPO / ORPO values equal to TRL's own code on the same batch and model."""
+"""Preference losses (train/preference_loss.py): the chunked sequence log-probs, the three kinds of reference
+(train/reference.py), and DPO / IPO / conservative DPO / RPO / ORPO values equal to TRL's own code on the same batch and model."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from tuneplane.data.templates import IGNORE_INDEX
-from tuneplane.errors import TuneplaneError
-from tuneplane.spec import parse_spec
+from tuneplane.spec import ReferenceKind, dpo_reference, parse_spec
+from tuneplane.train import reference as reference_model
 from tuneplane.train.builders import load_model
+from tuneplane.train.checkpointing import _write_model
 from tuneplane.train.loss import causal_lm_loss
 from tuneplane.train.preference_loss import (
     SequenceLogps,
     orpo_loss,
     preference_loss,
     preference_metrics,
-    reference_logps,
     sequence_logps,
 )
 
@@ -32,20 +32,28 @@ PAIRS = [  # (prompt, chosen, rejected): responses of different lengths, so IPO'
 ]
 
 
-def _policy(tiny_dir: Path) -> Any:
-    """A PEFT LoRA model whose adapters are not the identity (PEFT starts lora_B at zero), so policy != ref."""
-    lora = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    spec = parse_spec(
+LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _spec(tiny_dir: Path, method: dict[str, Any]) -> Any:
+    return parse_spec(
         {
             "name": "p",
             "model": {"base": str(tiny_dir)},
             "data": {"sources": [{"uri": "a.jsonl", "format": "alpaca"}]},
-            "method": lora,
+            "method": method,
             "distributed": {"gpus_per_worker": 0},
         }
     )
+
+
+def _policy(tiny_dir: Path, adapter: Path | None = None) -> Any:
+    """A PEFT LoRA model whose adapters are not the identity (PEFT starts lora_B at zero), so policy != ref;
+    with `adapter`, the one the recipe builds for `model.adapter` (that adapter, trainable)."""
     torch.manual_seed(0)
-    model = load_model(spec, on_gpu=False)
+    model = load_model(_spec(tiny_dir, LORA), on_gpu=False, adapter=adapter)
+    if adapter is not None:
+        return model.train()
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.3)
@@ -118,10 +126,17 @@ def _trl_dpo(model: Any, batch: dict[str, torch.Tensor], loss_types: list[str], 
     return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
+def _reference(kind: ReferenceKind, model: Any, adapter: Path | None = None) -> reference_model.Reference:
+    """Built as the recipe builds it: prepared before DeepSpeed, placed after (ZeRO-0 here: no engine)."""
+    ref = reference_model.prepare(kind, model, adapter)
+    ref.place(model, {"zero_optimization": {"stage": 0}}, torch.device("cpu"))
+    return ref
+
+
 def _ours(model: Any, batch: dict[str, torch.Tensor]) -> tuple[SequenceLogps, ...]:
     inputs = _model_inputs(batch)
+    ref_chosen, ref_rejected = _reference("adapter_disabled", model).logps(inputs).split()
     policy_chosen, policy_rejected = sequence_logps(model, inputs, chunk_tokens=5).split()
-    ref_chosen, ref_rejected = reference_logps(model, inputs, chunk_tokens=5).split()
     return policy_chosen, policy_rejected, ref_chosen, ref_rejected
 
 
@@ -145,18 +160,77 @@ def test_chunked_logps_equal_a_full_logits_gather_and_train_only_lora(tiny_dir, 
     assert len(grads) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_reference_logps_are_the_base_models_without_gradients(tiny_dir, tokenizer) -> None:
+def test_which_reference_each_method_gets() -> None:
+    from tuneplane.spec import DpoMethod, FullMethod, LoraMethod, OrpoMethod
+
+    table = [
+        (DpoMethod(), False, "adapter_disabled"),
+        (DpoMethod(), True, "starting_adapter"),
+        (DpoMethod(base="full"), False, "frozen_copy"),
+        (DpoMethod(base="full"), True, "frozen_copy"),  # the copy is taken after the adapter is merged
+        (OrpoMethod(), True, None),
+        (LoraMethod(), False, None),
+        (FullMethod(), False, None),
+    ]
+    for method, from_adapter, kind in table:
+        assert dpo_reference(method, starts_from_adapter=from_adapter) == kind, (method, from_adapter)
+
+
+def test_adapter_disabled_reference_is_the_base_model_without_gradients(tiny_dir, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     model, batch = _policy(tiny_dir), _model_inputs(_pairs(tokenizer))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    ref = reference_logps(model, batch, chunk_tokens=5)
+    ref = _reference("adapter_disabled", model).logps(batch)
     assert not ref.logps.requires_grad
     torch.testing.assert_close(ref.logps, sequence_logps(base, batch).logps.detach(), rtol=1e-6, atol=1e-5)
     policy = sequence_logps(model, batch).logps.detach()
     assert (policy - ref.logps).abs().min() > 1e-3  # the adapters are back on after the reference pass
-    with pytest.raises(TuneplaneError, match="frozen copy"):
-        reference_logps(base, batch)
+
+
+def test_starting_adapter_reference_stays_the_sft_model_while_the_policy_trains(
+    tiny_dir, tokenizer, tmp_path
+) -> None:
+    """SFT -> DPO: the reference is base + the SFT adapter (not the raw base), frozen; only the trained copy
+    gets gradients, and only it is saved."""
+    sft = _policy(tiny_dir)
+    sft.save_pretrained(str(tmp_path / "sft"))
+    batch = _model_inputs(_pairs(tokenizer))
+    sft_logps = sequence_logps(sft, batch).logps.detach()
+
+    model = _policy(tiny_dir, adapter=tmp_path / "sft")
+    ref = _reference("starting_adapter", model, tmp_path / "sft")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    torch.testing.assert_close(ref.logps(batch).logps, sft_logps, rtol=1e-6, atol=1e-5)
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # reference pass first, as the recipe does, then the policy's forward and backward
+        ref_logps = ref.logps(batch).logps
+        sequence_logps(model, batch).logps.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(ref_logps, sft_logps, rtol=1e-6, atol=1e-5)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert (sequence_logps(model, batch).logps.detach() - sft_logps).abs().max() > 1e-2  # the policy moved
+
+    _write_model(model, tokenizer, tmp_path / "out")
+    saved = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("adapter_*")}
+    assert saved == {"adapter_model.safetensors", "adapter_config.json"}  # not the frozen reference
+
+
+def test_frozen_copy_reference_keeps_the_starting_weights_of_a_full_finetune(tiny_dir, tokenizer) -> None:
+    torch.manual_seed(0)
+    model = load_model(_spec(tiny_dir, {"type": "full"}), on_gpu=False).train()
+    batch = _model_inputs(_pairs(tokenizer))
+    start = sequence_logps(model, batch).logps.detach()
+    ref = _reference("frozen_copy", model)
+    assert ref.model is not model and not any(p.requires_grad for p in ref.model.parameters())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    torch.testing.assert_close(ref.logps(batch).logps, start, rtol=1e-6, atol=1e-5)
+    assert (sequence_logps(model, batch).logps.detach() - start).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(

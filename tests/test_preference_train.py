@@ -87,3 +87,56 @@ def test_dpo_under_zero3_resumes_after_a_killed_worker_without_repeating_a_pair(
     flat = [k for keys in faulty_trace.values() for k in keys]
     assert len(flat) == 2 * len(set(flat))  # each pair's key twice (its two sides), no pair seen again
     assert faulty.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], rel=1e-4)
+
+
+ORPO_LORA = {
+    "type": "orpo",
+    "beta": 0.5,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+}
+
+
+def test_orpo_then_dpo_from_its_adapter_and_full_dpo_under_zero3_each_start_at_their_reference(
+    tiny_dir, tmp_path
+) -> None:
+    """Every reference kind end to end (train/reference.py). ORPO (no reference) learns the preference and
+    registers an adapter; DPO continuing that adapter by `model.adapter` scores against it (the SFT-model
+    reference: eval loss exactly ln 2 before training, which the adapter-disabled base would not give) and
+    records its parent; full DPO under ZeRO-3 holds a frozen partitioned copy (ln 2 again) and learns."""
+    import mlflow
+
+    from tuneplane.tracking import PARENT_TAG
+
+    short = {"hyperparameters.max_steps": 40, "checkpointing.every_n_steps": 1000, "eval.gate": None}
+    settings = _settings(tmp_path, "orpo")
+    orpo = run(
+        _spec(tiny_dir, method=ORPO_LORA, **short, **{"tracking.registered_model_name": "orpo"}), settings
+    )
+    assert (
+        orpo.metrics["eval/rewards/accuracy"] >= 0.85
+        and orpo.metrics["eval_loss"] < 0.8 * orpo.metrics["eval_loss_base"]
+    ), orpo.metrics
+    assert orpo.model_uri == "models:/orpo/1"
+
+    dpo_lora = {"type": "dpo", "beta": 0.1, "lora": ORPO_LORA["lora"]}
+    from_orpo = short | {
+        "model.adapter": orpo.model_uri,
+        "hyperparameters.max_steps": 5,
+        "tracking.registered_model_name": "dpo",
+    }
+    continued = run(_spec(tiny_dir, method=dpo_lora, **from_orpo), _settings(tmp_path, "dpo-after-orpo"))
+    assert continued.metrics["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6)
+    version = mlflow.MlflowClient(tracking_uri=settings.tracking_uri).get_model_version("dpo", "1")
+    assert version.tags[PARENT_TAG] == orpo.model_uri
+
+    full = run(
+        _spec(
+            tiny_dir, method={"type": "dpo", "beta": 0.1, "sft_weight": 0.5, "base": "full"}, **short,
+            **{"distributed.zero_stage": 3, "hyperparameters.learning_rate": 0.0005,
+               "tracking.registered_model_name": "dpo-full"},
+        ),
+        _settings(tmp_path, "dpo-full"),
+    )  # fmt: skip
+    assert full.metrics["eval_loss_base"] == pytest.approx(math.log(2), abs=1e-6)
+    assert full.metrics["eval/rewards/accuracy"] >= 0.85 and full.metrics["eval_loss"] < 0.5, full.metrics
+    assert full.model_uri == "models:/dpo-full/1"

@@ -36,6 +36,7 @@ from tuneplane.spec import (
     LoraMethod,
     OrpoMethod,
     TuningSpec,
+    dpo_reference,
     effective_zero_stage,
     model_location_kind,
     weights_trained,
@@ -59,7 +60,7 @@ CONFIG_READ_BUDGET_S = 5.0  # object storage that does not answer in this time i
 _FP32 = 4
 _GIB, _MIB = 1 << 30, 1 << 20
 
-PARTS = ("weights", "gradients", "optimizer", "activations", "backward", "overhead")
+PARTS = ("weights", "reference", "gradients", "optimizer", "activations", "backward", "overhead")
 # The linears of one decoder layer, by the input they share (LoRA's dropout and down-projection keep one
 # tensor per distinct input when dropout is 0, one per adapted linear otherwise).
 _INPUTS = {
@@ -316,6 +317,7 @@ def estimate(
     optimizer = 0 if dist.offload_optimizer else trainable * (2 * _FP32 if w == _FP32 else 4 * _FP32)
     parts = {
         "weights": weights,
+        "reference": _reference_bytes(spec, shape, w, extra, world_size, stage),
         "gradients": trainable * w // (world_size if stage >= 2 else 1),
         "optimizer": optimizer // (world_size if stage >= 1 else 1),
         **_activation_parts(spec, shape, tokens, w, on_gpu, checkpointing),
@@ -358,6 +360,19 @@ def _lora_targets(method: LoraMethod) -> set[str]:
     if method.target_modules == "all-linear":
         return set(_INPUTS)
     return {key.rsplit(".", 1)[-1] for key in method.target_modules} & {*_INPUTS, "lm_head"}
+
+
+def _reference_bytes(
+    spec: TuningSpec, shape: ModelShape, w: int, adapter: int, world: int, stage: int
+) -> int:
+    """DPO's frozen reference (train/reference.py): a whole copy of the weights for full fine-tuning, split over
+    the ranks under ZeRO-3 (it is gathered layer by layer, within the live budget already counted); a second
+    copy of the adapter when it continues `model.adapter`; nothing when the adapter is simply switched off."""
+    kind = dpo_reference(spec.method, starts_from_adapter=spec.model.adapter is not None)
+    if kind == "frozen_copy":
+        copy = shape.params * w
+        return 0 if spec.distributed.offload_params and stage == 3 else copy // (world if stage == 3 else 1)
+    return adapter * w if kind == "starting_adapter" else 0
 
 
 def _trainable_params(spec: TuningSpec, shape: ModelShape) -> tuple[int, int]:

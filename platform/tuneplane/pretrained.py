@@ -9,6 +9,7 @@ import fcntl
 import fnmatch
 import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,15 @@ def load_tokenizer(model: ModelSpec) -> Any:
 
 
 def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Path:
-    """The adapter folder of the registered version `model.adapter` (`models:/<team>.<name>/<version>`), copied
-    from MLflow into `into`: only the adapter, never the base the pyfunc may carry. Refused, naming
-    `model.adapter`, when the version is missing, holds no adapter, or was tuned from another base."""
+    """The adapter folder of the registered version `model.adapter`, copied from MLflow into `into`."""
+    return download_adapter(locate_adapter(model, tracking_uri), model, tracking_uri, into)
+
+
+def locate_adapter(model: ModelSpec, tracking_uri: str | None) -> str:
+    """Where the adapter of the registered version `model.adapter` (`models:/<team>.<name>/<version>`) lies in
+    MLflow's artifact store: only the adapter, never the base the pyfunc may carry. The driver asks once (one
+    registry lookup per job, not one per worker); refused, naming `model.adapter`, when the version is missing
+    or was tuned from another base."""
     import yaml
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -127,12 +134,15 @@ def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Pat
 
     uri = model.adapter
     assert uri is not None
+    if not uri.startswith("models:/"):  # a job id: the API pins it to a version before any run starts
+        raise PretrainedError(
+            f"model.adapter: job {uri}: a job id is resolved by the API on submit; name its models:/ version"
+        )
     if not tracking_uri:
         raise PretrainedError(
             f"model.adapter: {uri} needs the platform's MLflow, and this run has no tracking"
         )
     name, version = uri.removeprefix("models:/").rsplit("/", 1)
-    into.mkdir(parents=True, exist_ok=True)
     try:
         found = MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version)
         base = found.tags.get("tuneplane.base_model")
@@ -141,13 +151,33 @@ def fetch_adapter(model: ModelSpec, tracking_uri: str | None, into: Path) -> Pat
                 f"model.adapter: {uri} was tuned from {base}, and this job's model.base is {model.base}"
             )
         repo = ModelsArtifactRepository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        description = yaml.safe_load(Path(repo.download_artifacts("MLmodel", str(into))).read_text())
+        with tempfile.TemporaryDirectory() as scratch:
+            description = yaml.safe_load(Path(repo.download_artifacts("MLmodel", scratch)).read_text())
         path = description["flavors"]["python_function"]["artifacts"]["model"]["path"]
-        folder = Path(repo.download_artifacts(path, str(into)))
+        return f"{repo.get_underlying_uri(uri).rstrip('/')}/{path}"
     except (MlflowException, KeyError, TypeError, OSError) as exc:
         raise PretrainedError(
             f"model.adapter: {uri}: cannot fetch: {clip(str(exc).splitlines()[0])}"
         ) from None
+
+
+def download_adapter(location: str, model: ModelSpec, tracking_uri: str | None, into: Path) -> Path:
+    """The adapter at `location` (from `locate_adapter`) copied into `into`, straight from the artifact store
+    (each worker in parallel, no registry query)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=str(into), tracking_uri=tracking_uri
+            )
+        )
+    except (MlflowException, OSError) as exc:
+        raise PretrainedError(
+            f"model.adapter: {model.adapter}: cannot fetch: {clip(str(exc).splitlines()[0])}"
+        ) from None
     if not (folder / "adapter_config.json").is_file():
-        raise PretrainedError(f"model.adapter: {uri} holds a full model, not an adapter")
+        raise PretrainedError(f"model.adapter: {model.adapter} holds a full model, not an adapter")
     return folder

@@ -30,9 +30,11 @@ from tuneplane.spec.method import (
     Method,
     OrpoMethod,
     PartialMethod,
+    ReferenceKind,
+    dpo_reference,
     weights_trained,
 )
-from tuneplane.spec.model import ModelSpec, registered_team
+from tuneplane.spec.model import ModelSpec, adapter_is_job_id, registered_team
 from tuneplane.spec.run import (
     CheckpointSpec,
     DistributedSpec,
@@ -74,11 +76,14 @@ __all__ = [
     "ModelSpec",
     "OrpoMethod",
     "PartialMethod",
+    "ReferenceKind",
     "SourceSpec",
     "TaskGate",
     "TemplateName",
     "TrackingSpec",
     "TuningSpec",
+    "adapter_is_job_id",
+    "dpo_reference",
     "effective_zero_stage",
     "is_local_path",
     "json_schema",

@@ -62,7 +62,8 @@ class PartialMethod(_Strict):
 
 class DpoMethod(_Strict):
     """Direct preference optimisation on `preference` data (prompt, chosen, rejected), usually after
-    instruction tuning (`model.adapter`). The reference model is the policy with its adapter disabled (LoRA)."""
+    instruction tuning (`model.adapter`). The reference model is the starting point, frozen (see
+    `dpo_reference`): no second copy of the base for LoRA, a frozen copy partitioned like the policy for full."""
 
     type: Literal["dpo"] = "dpo"
     beta: float = Field(
@@ -96,6 +97,12 @@ Method = Annotated[
 
 WeightMethod = LoraMethod | FullMethod | PartialMethod
 
+# What scores DPO's reference log-probs; each is the model the policy starts from, frozen:
+#   adapter_disabled  LoRA from a fresh adapter: the policy with its adapter switched off (no copy at all)
+#   starting_adapter  LoRA continuing `model.adapter`: that adapter loaded a second time, frozen, and switched in
+#   frozen_copy       full: a copy of the starting weights, without gradients, partitioned like the policy
+ReferenceKind = Literal["adapter_disabled", "starting_adapter", "frozen_copy"]
+
 
 def weights_trained(method: LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod) -> WeightMethod:
     """Which weights a method trains: itself for SFT methods; for preference methods, their LoRA settings or
@@ -103,3 +110,15 @@ def weights_trained(method: LoraMethod | FullMethod | PartialMethod | DpoMethod 
     if isinstance(method, DpoMethod | OrpoMethod):
         return method.lora if method.base == "lora" else FullMethod()
     return method
+
+
+def dpo_reference(
+    method: LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod, starts_from_adapter: bool
+) -> ReferenceKind | None:
+    """The reference model a method needs (None: no reference; ORPO and the SFT methods). The recipe builds it
+    and the memory estimate counts it from this one answer."""
+    if not isinstance(method, DpoMethod):
+        return None
+    if method.base == "full":
+        return "frozen_copy"
+    return "starting_adapter" if starts_from_adapter else "adapter_disabled"

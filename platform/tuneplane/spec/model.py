@@ -11,6 +11,14 @@ from tuneplane.spec._fields import MAX_URI, LocationKind, _check_uri, _Strict, m
 
 # A registered version by number: what a job was tuned from must not change under it (no aliases or `latest`).
 _REGISTERED = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]{0,255}/[1-9][0-9]{0,8}$")
+# A job's id, as store.jobs.new_job_id makes it: the spec's name (cut to 38) and 8 hex digits.
+_JOB_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,37}-[0-9a-f]{8}$")
+
+
+def adapter_is_job_id(adapter: str) -> bool:
+    """`model.adapter` names a job (resolved to the version it registered when the API admits the spec)
+    rather than a registered version."""
+    return bool(_JOB_ID.match(adapter))
 
 
 def registered_team(uri: str) -> str:
@@ -44,9 +52,10 @@ class ModelSpec(_Strict):
     adapter: str | None = Field(
         None,
         max_length=MAX_URI,
-        description="Start from a registered adapter, `models:/<team>.<name>/<version>` (e.g. DPO after an SFT "
-        "job): LoRA methods go on training it (its own rank and targets), full fine-tuning starts from base + "
-        "adapter merged. It must have been tuned from the same `base`; the new version records it as its parent.",
+        description="Start from a registered adapter, `models:/<team>.<name>/<version>` or the id of a job of your "
+        "team that registered one (the API pins it to that version on submit), e.g. DPO after an SFT job: LoRA "
+        "methods go on training it (its own rank and targets), full fine-tuning starts from base + adapter merged. "
+        "It must have been tuned from the same `base`; the new version records it as its parent.",
     )
 
     _uri = field_validator("base", "tokenizer")(lambda v: None if v is None else _check_uri(v))
@@ -54,8 +63,11 @@ class ModelSpec(_Strict):
     @field_validator("adapter")
     @classmethod
     def _registered(cls, value: str | None) -> str | None:
-        if value is not None and not _REGISTERED.match(value):
-            raise ValueError("use a registered model version, models:/<team>.<name>/<version>")
+        if value is not None and not (_REGISTERED.match(value) or adapter_is_job_id(value)):
+            raise ValueError(
+                "use a registered model version, models:/<team>.<name>/<version>, or the id of a job that "
+                "registered one"
+            )
         return value
 
     @property

@@ -77,12 +77,6 @@ class TuningSpec(_Strict):
     @model_validator(mode="after")
     def _data_fits_the_method(self) -> TuningSpec:
         preference = isinstance(self.method, DpoMethod | OrpoMethod)
-        if isinstance(self.method, DpoMethod) and self.method.base == "full":
-            # The reference would be a second, frozen copy of the model; only the adapter-disabled one exists.
-            raise ValueError(
-                "method.base: DPO with 'full' needs a frozen reference copy, which this version does not build; "
-                "use base 'lora' (the reference is the model with its adapter disabled) or method.type 'orpo'"
-            )
         for field, source in self.source_fields():
             if field.startswith("eval.zero_shot_sources"):
                 continue  # zero-shot tasks are generation tasks for every method

@@ -143,10 +143,12 @@ def save_model(engine: Any, spec: TuningSpec, tokenizer: Any, out: Path, rank: i
 
 
 def _write_model(module: Any, tokenizer: Any, out: Path) -> None:
-    # A PeftModel writes only the adapter (adapter_model.safetensors + adapter_config.json); a plain model
-    # writes all its weights. Inside GatheredParameters the state dict holds full, not partitioned, tensors.
+    # A PeftModel writes only the trained adapter (adapter_model.safetensors + adapter_config.json; not DPO's
+    # frozen `reference` adapter); a plain model writes all its weights. Inside GatheredParameters the state
+    # dict holds full, not partitioned, tensors.
     out.mkdir(parents=True, exist_ok=True)
-    module.save_pretrained(str(out), safe_serialization=True)
+    adapters = {"selected_adapters": ["default"]} if hasattr(module, "peft_config") else {}
+    module.save_pretrained(str(out), safe_serialization=True, **adapters)
     tokenizer.save_pretrained(str(out))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from tuneplane.data.quality import DataFilter
 from tuneplane.errors import CheckpointError, TrainingFailed
+from tuneplane.pretrained import locate_adapter
 from tuneplane.spec import DistributedSpec, TuningSpec, is_local_path
 from tuneplane.train import checkpointing
 
@@ -68,12 +69,14 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         )
         if job_run.enabled:
             job_run.log_data_report(_data_report(spec))
+        # Looked up once here, before any data pass: a refused or missing version fails the job at once.
+        adapter_at = locate_adapter(spec.model, settings.tracking_uri) if spec.model.adapter else None
         data_filter = _data_filter(spec)
         _start_ray(spec.distributed, settings)
         # After ray.init, which installs a SIGTERM handler of its own.
         signal.signal(signal.SIGTERM, _sigterm_handler(job_run.kill))
         drop = data_filter.drop.to_bytes() if len(data_filter.drop) else None
-        result = _fit(build_trainer(spec, settings, job_run.run_id, drop))
+        result = _fit(build_trainer(spec, settings, job_run.run_id, drop, adapter_at))
         final, model_dir = _collect(result, settings)
         final |= _lm_eval(spec, model_dir)
         figures = data_filter.to_dict() if data_filter.figures.get("records") else None
@@ -113,7 +116,11 @@ def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
 
 
 def build_trainer(
-    spec: TuningSpec, settings: RunSettings, run_id: str | None, drop: bytes | None = None
+    spec: TuningSpec,
+    settings: RunSettings,
+    run_id: str | None,
+    drop: bytes | None = None,
+    adapter_at: str | None = None,
 ) -> Any:
     """The Ray Train job: one worker per data-parallel rank, each running the recipe."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -126,7 +133,7 @@ def build_trainer(
     resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = dist_spec.gpus_per_worker
-    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir, drop)
+    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir, drop, adapter_at)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "settings": worker},

@@ -25,7 +25,6 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tuneplane.errors import TuneplaneError
 from tuneplane.memory import LOSS_CHUNK_TOKENS
 from tuneplane.train.loss import chunked_token_losses, decoder_output, scored_positions, shifted_targets
 
@@ -74,20 +73,6 @@ def sequence_logps(
     row_of_token = scored.nonzero()[:, 0]
     logps = torch.zeros(len(labels), dtype=nll.dtype, device=nll.device).index_add(0, row_of_token, -nll)
     return SequenceLogps(logps, scored.sum(dim=1))
-
-
-def reference_logps(
-    model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
-) -> SequenceLogps:
-    """`sequence_logps` under the reference model: for a LoRA policy, the same model with its adapters disabled
-    (no second copy of the weights), without gradients. A full fine-tune has no such switch: its reference must
-    be a frozen copy of the starting weights, loaded beside the policy and passed to `sequence_logps`."""
-    if not hasattr(model, "disable_adapter"):  # a DeepSpeed engine forwards the attribute to its PEFT module
-        raise TuneplaneError(
-            "the reference log-probs of a model without adapters need a frozen copy of the base model"
-        )
-    with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, batch, chunk_tokens)
 
 
 def preference_loss(

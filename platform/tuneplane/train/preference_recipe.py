@@ -4,8 +4,8 @@ chosen NLL) and ORPO, as a method next to `lora`, `full` and `partial` (anchor: 
 
 It is the instruction-tuning recipe with three parts swapped: the data stream (`PreferenceStream`: a pair's
 chosen and rejected sides in one micro-batch), the micro-step loss (`preference_loss.py`: sequence log-probs of
-the policy, and for DPO of the reference, which is the same model with its LoRA adapter disabled, so no second
-copy exists), and evaluation on held-out pairs. Setup, ZeRO, checkpoints, resume, idle batches and publishing
+the policy, and for DPO of the reference: the starting model, frozen, see `reference.py`), and evaluation on
+held-out pairs. Setup, ZeRO, checkpoints, resume, idle batches and publishing
 are the parent's, unchanged.
 """
 
@@ -18,17 +18,17 @@ import torch
 import torch.distributed as dist
 
 from tuneplane.data import Batch, PairBatch, PreferenceStream
-from tuneplane.spec import DpoMethod, OrpoMethod
+from tuneplane.spec import DpoMethod, OrpoMethod, dpo_reference
 from tuneplane.train.loss import SourceTally
 from tuneplane.train.preference_loss import (
     PreferenceTerms,
     orpo_loss,
     preference_loss,
     preference_metrics,
-    reference_logps,
     sequence_logps,
 )
 from tuneplane.train.recipe import InstructionTuningRecipe
+from tuneplane.train.reference import Reference, prepare
 
 # Logged every step next to the loss (means over micro-steps and ranks), under TRL's names.
 STEP_METRICS = (
@@ -43,6 +43,16 @@ STEP_METRICS = (
 
 class PreferenceTuningRecipe(InstructionTuningRecipe):
     WINDOW_EXTRAS = STEP_METRICS
+    reference: Reference | None = None  # DPO's; ORPO has none
+
+    def _model_built(self, model: torch.nn.Module) -> None:
+        kind = dpo_reference(self.spec.method, starts_from_adapter=self.adapter is not None)
+        if kind is not None:
+            self.reference = prepare(kind, model, self.adapter)
+
+    def _engine_built(self, ds_config: dict[str, Any]) -> None:
+        if self.reference is not None:
+            self.reference.place(self.engine, ds_config, self.device)
 
     def _stream(self, state: dict[str, Any] | None = None, split: str = "train") -> PreferenceStream:  # type: ignore[override]
         hp = self.spec.hyperparameters
@@ -67,14 +77,16 @@ class PreferenceTuningRecipe(InstructionTuningRecipe):
     def terms(self, rows: dict[str, torch.Tensor]) -> PreferenceTerms:
         """The preference loss of a [chosen; rejected] batch under the current policy."""
         method = self.spec.method
-        chosen, rejected = sequence_logps(self.engine, rows).split()
         if isinstance(method, OrpoMethod):
+            chosen, rejected = sequence_logps(self.engine, rows).split()
             # The chosen responses' mean per-token NLL (prompts are masked, as ORPO's paper scores them).
             nll = -(chosen.logps.sum() / chosen.tokens.sum().clamp(min=1))
             return orpo_loss(chosen.mean(), rejected.mean(), nll, method.beta)
-        assert isinstance(method, DpoMethod)
+        assert isinstance(method, DpoMethod) and self.reference is not None
         # Every rank runs the reference forward each micro-step, idle or not: under ZeRO-3 it gathers weights.
-        ref_chosen, ref_rejected = reference_logps(self.engine.module, rows).split()
+        # It runs first, so switching adapters for it never touches the policy's autograd graph.
+        ref_chosen, ref_rejected = self.reference.logps(rows).split()
+        chosen, rejected = sequence_logps(self.engine, rows).split()
         return preference_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta=method.beta, loss=method.loss,
             label_smoothing=method.label_smoothing, sft_weight=method.sft_weight,

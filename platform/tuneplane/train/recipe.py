@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
-from tuneplane.pretrained import fetch_adapter, load_tokenizer
+from tuneplane.pretrained import download_adapter, load_tokenizer
 from tuneplane.spec import DpoMethod, OrpoMethod, TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
 from tuneplane.train import checkpointing, evaluate
@@ -50,6 +50,7 @@ class WorkerSettings:
     # Optional audit trail: which records each rank trained on at each step (data-exposure audits, tests).
     example_log_dir: str | None = None
     drop: bytes | None = None  # the driver's data filter (data.dedup / data.decontaminate): keys to skip
+    adapter_at: str | None = None  # where `model.adapter` lies in MLflow's artifact store (the driver looked)
 
 
 @dataclass
@@ -112,15 +113,18 @@ class InstructionTuningRecipe:
         self.run = JobRun(self.settings.tracking_uri, self.settings.run_id) if self.rank == 0 else JobRun()
         self.tokenizer = load_tokenizer(spec.model)
         self.drop = KeySet.from_bytes(self.settings.drop) if self.settings.drop else None
-        model = load_model(spec, on_gpu, adapter=self._fetch_adapter())
+        self.adapter = self._fetch_adapter()
+        model = load_model(spec, on_gpu, adapter=self.adapter)
         params = count_params(model)
         self.run.log_params({"model.params.total": params.total, "model.params.trainable": params.trainable})
+        self._model_built(model)
         self.total_steps = hp.max_steps or self._steps_for_epochs()
         optimizer, self.scheduler = build_optimizer(model, spec, self.total_steps)
         ds_config = deepspeed_config(spec, on_gpu, self.world)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
         )
+        self._engine_built(ds_config)
         if self.world == 1:
             # Averaging gradients over one rank changes nothing, but DeepSpeed would still flatten every gradient
             # into buckets and all-reduce them each step.
@@ -134,6 +138,13 @@ class InstructionTuningRecipe:
         )  # fmt: skip
         self._measure_base()
         return True
+
+    def _model_built(self, model: torch.nn.Module) -> None:
+        """Hook: the policy is built and DeepSpeed has not wrapped it yet (the preference recipe adds its
+        reference here)."""
+
+    def _engine_built(self, ds_config: dict[str, Any]) -> None:
+        """Hook: `self.engine` exists; nothing has been resumed or measured yet."""
 
     def _measure_base(self) -> None:
         """The untouched model's eval loss and zero-shot scores, once per job (a resumed run keeps them)."""
@@ -149,11 +160,18 @@ class InstructionTuningRecipe:
         return bool(self.spec.data.eval_sources) or self.spec.data.holdout_fraction > 0
 
     def _fetch_adapter(self) -> Path | None:
-        """The registered adapter this job starts from (`model.adapter`), in a folder kept for the run."""
+        """The registered adapter this job starts from (`model.adapter`), in a folder kept for the run: each
+        worker copies it from the artifact store the driver found it in (no registry query per worker)."""
         if not self.spec.model.adapter:
             return None
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="tuneplane-adapter-")
-        return fetch_adapter(self.spec.model, self.settings.tracking_uri, Path(self._adapter_dir.name))
+        assert self.settings.adapter_at is not None, "the launcher locates model.adapter"
+        return download_adapter(
+            self.settings.adapter_at,
+            self.spec.model,
+            self.settings.tracking_uri,
+            Path(self._adapter_dir.name),
+        )
 
     def _stream(self, state: dict[str, Any] | None = None) -> InstructionStream:
         hp = self.spec.hyperparameters
