@@ -186,3 +186,48 @@ def test_validate_is_a_dry_run(api: TestClient, spec: dict) -> None:
     bad = api.post("/v1/validate", json=missing, headers=ALPHA).json()
     assert not bad["ok"] and bad["problems"][0]["field"] == "data.sources[1].uri"
     assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []
+
+
+def test_model_adapter_by_job_id_is_pinned_to_the_version_that_job_registered(
+    api: TestClient, spec: dict, db_url: str
+) -> None:
+    """SFT -> DPO by job id: the stored spec names the `models:/` version, so later versions change nothing;
+    a job of another team, one still running and one that registered nothing are refused, naming the field."""
+    from tuneplane.store import Database
+    from tuneplane.store.models import Job
+
+    sft = api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"]
+    ungated = api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"]
+    theirs = api.post("/v1/jobs", json=spec, headers=BETA).json()["id"]
+    db = Database(db_url)
+    with db.session() as s:
+        for job_id, uri in [(sft, "models:/alpha.tiny-cpu-adapter/3"), (ungated, None)]:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.state, job.model_uri = "SUCCEEDED", uri
+    db.engine.dispose()
+
+    def with_adapter(adapter: str) -> dict:
+        return spec | {"model": spec["model"] | {"adapter": adapter}}
+
+    r = api.post("/v1/jobs", json=with_adapter(sft), headers=ALPHA)
+    assert r.status_code == 201, r.text
+    stored = api.get(f"/v1/jobs/{r.json()['id']}", headers=ALPHA).json()["spec"]
+    assert stored["model"]["adapter"] == "models:/alpha.tiny-cpu-adapter/3"
+    report = api.post("/v1/validate", json=with_adapter(sft), headers=ALPHA).json()
+    assert report["spec"]["model"]["adapter"] == "models:/alpha.tiny-cpu-adapter/3", report
+
+    queued = api.post("/v1/jobs", json=spec, headers=ALPHA).json()["id"]
+    for adapter, message in [
+        (theirs, f"job {theirs} not found"),  # another team's job reads as a missing one
+        (queued, f"job {queued}: it is PENDING and has registered no model"),
+        (ungated, f"job {ungated}: it registered no model"),
+    ]:
+        r = api.post("/v1/jobs", json=with_adapter(adapter), headers=ALPHA)
+        assert r.status_code == 422, r.text
+        assert {"field": "model.adapter", "message": message} in [
+            {k: e[k] for k in ("field", "message")} for e in r.json()["errors"]
+        ], r.json()
+    assert (
+        api.post("/v1/jobs", json=with_adapter(theirs), headers=BETA).status_code == 422
+    )  # no version either

@@ -100,3 +100,20 @@ def test_config_check_names_the_field(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "teams a, b" in out.output
     schema = runner.invoke(app, ["config", "schema"])
     assert '"gpu_pools"' in schema.output
+
+
+@pytest.mark.parametrize(
+    ("latest", "line"),
+    [
+        ({}, "loss -"),
+        ({"loss": 1.23456, "learning_rate": 1e-4}, "loss 1.2346"),
+        (
+            {"loss": 0.5, "rewards/accuracy": 0.875, "rewards/margin": 0.1234, "rewards/chosen": 0.2},
+            "loss 0.5000  reward acc 0.88  margin 0.123",
+        ),
+    ],
+)
+def test_the_progress_line_shows_preference_rewards_next_to_the_loss(latest: dict, line: str) -> None:
+    from tuneplane.cli.jobs import step_figures
+
+    assert step_figures(latest) == line

@@ -8,27 +8,58 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
 from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
-from tuneplane.errors import DataError, SpecError
+from tuneplane.errors import DataError, NotFound, SpecError
 from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
-from tuneplane.spec import TuningSpec, is_local_path, model_location_kind, parse_spec, registered_team
+from tuneplane.spec import (
+    TuningSpec,
+    adapter_is_job_id,
+    is_local_path,
+    model_location_kind,
+    parse_spec,
+    registered_team,
+)
 from tuneplane.store import Principal
 
 Problems = list[tuple[str, str]]
+# A job id -> (its state, the model version it registered or None); NotFound for a job the caller may not see.
+JobLookup = Callable[[str], tuple[str, str | None]]
 
 
-def admit(raw: Any, principal: Principal, config: PlatformConfig) -> TuningSpec:
-    """Parse a submitted spec and check it against the team's policy; SpecError names each field at fault."""
-    spec = parse_spec(raw)
+def admit(raw: Any, principal: Principal, config: PlatformConfig, find_job: JobLookup) -> TuningSpec:
+    """Parse a submitted spec, pin a `model.adapter` job id to its version (with `find_job`, the store's view
+    of the caller's jobs) and check it against the team's policy; SpecError names each field at fault."""
+    spec = pin_adapter(parse_spec(raw), find_job)
     problems = policy_problems(spec, principal.team, config)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def pin_adapter(spec: TuningSpec, find_job: JobLookup) -> TuningSpec:
+    """`model.adapter: <job id>` becomes the `models:/` version that job registered, so the stored spec says
+    exactly what the job starts from (a later version of the same name changes nothing)."""
+    job_id = spec.model.adapter
+    if not job_id or not adapter_is_job_id(job_id):
+        return spec
+    try:
+        state, model_uri = find_job(job_id)
+    except NotFound:
+        raise SpecError([("model.adapter", f"job {job_id} not found")]) from None
+    if not model_uri:
+        why = (
+            "it registered no model" if state == "SUCCEEDED" else f"it is {state} and has registered no model"
+        )
+        raise SpecError([("model.adapter", f"job {job_id}: {why}")])
+    raw = spec.to_dict()
+    raw["model"]["adapter"] = model_uri
+    return parse_spec(raw)
 
 
 def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) -> Problems:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneplane.admission import admit, memory_check, preflight_report, reachability_problems
+from tuneplane.admission import JobLookup, admit, memory_check, preflight_report, reachability_problems
 from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, ReconcilerDep
 from tuneplane.api.problems import Problem, field_errors
 from tuneplane.api.schemas import (
@@ -28,7 +28,7 @@ from tuneplane.config import PlatformConfig
 from tuneplane.errors import SpecError, TuneplaneError, clip
 from tuneplane.spec import TuningSpec, json_schema
 from tuneplane.states import JobState
-from tuneplane.store import cancel_job, create_job, get_job, list_events, list_jobs
+from tuneplane.store import Database, Principal, cancel_job, create_job, get_job, list_events, list_jobs
 
 router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 SpecBody = Annotated[
@@ -49,7 +49,7 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
     """Submit a tuning job. A retry with the same `Idempotency-Key` returns the first job (200)."""
-    admitted = admit(spec, caller, config)
+    admitted = admit(spec, caller, config, _jobs_seen_by(db, caller))
     team = config.team(caller.team)
     assert team is not None  # admit() refuses callers of unknown teams
     with db.session() as s:
@@ -63,6 +63,17 @@ def submit_job(
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{out.id}"
     return out
+
+
+def _jobs_seen_by(db: Database, caller: Principal) -> JobLookup:
+    """Admission's view of the caller's jobs (`model.adapter: <job id>`): state and registered version."""
+
+    def find(job_id: str) -> tuple[str, str | None]:
+        with db.session(readonly=True) as s:
+            found = get_job(s, caller, job_id)
+            return found.state, found.model_uri
+
+    return find
 
 
 @router.get("/jobs", response_model=JobList)
@@ -151,11 +162,12 @@ async def validate(
     spec: SpecBody,
     caller: Caller,
     config: ConfigDep,
+    db: DatabaseDep,
     max_records: Annotated[int, Query(ge=1, le=10_000)] = 200,
 ) -> ValidationReport:
     """Dry run: the spec, the team's policy and a bounded data preflight. Creates nothing."""
     try:  # off the event loop: the memory check may read a model's config.json from object storage
-        admitted = await run_in_threadpool(admit, spec, caller, config)
+        admitted = await run_in_threadpool(admit, spec, caller, config, _jobs_seen_by(db, caller))
     except SpecError as exc:
         return _report(False, spec, exc.problems)
     return await run_in_threadpool(_dry_run, admitted, caller.team, config, max_records)

@@ -54,19 +54,18 @@ def _follow(client: Client, job_id: str, sample: str | None) -> None:
         TextColumn("[bold]{task.fields[state]:<10}"),
         BarColumn(),
         TextColumn("{task.completed:.0f}/{task.fields[max_steps]} steps"),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[figures]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=None, state="PENDING", loss="-", max_steps="?")
+        task = progress.add_task("train", total=None, state="PENDING", figures="loss -", max_steps="?")
 
         def update(job: dict, metrics: dict) -> None:
-            loss = metrics.get("latest", {}).get("loss")
             progress.update(
                 task, total=metrics.get("max_steps") or None, completed=metrics.get("step") or 0,
-                state=job["state"], loss=f"{loss:.4f}" if loss is not None else "-",
+                state=job["state"], figures=step_figures(metrics.get("latest", {})),
                 max_steps=metrics.get("max_steps") or "?",
             )  # fmt: skip
 
@@ -83,6 +82,18 @@ def _follow(client: Client, job_id: str, sample: str | None) -> None:
         console.print(f"registered model: [bold]{final['model_uri']}[/]")
         if sample:
             _sample(final["model_uri"], sample)
+
+
+# The progress line's figures after the loss: preference tuning's reward accuracy and margin (TRL's names).
+_STEP_FIGURES = (("rewards/accuracy", "reward acc", ".2f"), ("rewards/margin", "margin", ".3f"))
+
+
+def step_figures(latest: dict[str, float]) -> str:
+    """'loss 0.6931' (and for DPO/ORPO '  reward acc 0.75  margin 0.120') from a job's latest metrics."""
+    loss = latest.get("loss")
+    parts = [f"loss {loss:.4f}" if loss is not None else "loss -"]
+    parts += [f"{label} {latest[key]:{fmt}}" for key, label, fmt in _STEP_FIGURES if key in latest]
+    return "  ".join(parts)
 
 
 def _outcome(client: Client, job: dict) -> list[str]:
@@ -138,9 +149,7 @@ def status(job_id: Annotated[str, typer.Argument(metavar="ID")], url: Url = None
         f"[bold]{job['id']}[/] team={job['team']} state={job['state']} {job['message']}", highlight=False
     )
     if metrics.get("step") is not None:
-        console.print(
-            f"step {metrics['step']}/{metrics.get('max_steps')}  loss {metrics['latest'].get('loss')}"
-        )
+        console.print(f"step {metrics['step']}/{metrics.get('max_steps')}  {step_figures(metrics['latest'])}")
     if job.get("model_uri"):
         console.print(f"model: {job['model_uri']}")
     for e in events:
