@@ -231,3 +231,40 @@ def test_model_adapter_by_job_id_is_pinned_to_the_version_that_job_registered(
     assert (
         api.post("/v1/jobs", json=with_adapter(theirs), headers=BETA).status_code == 422
     )  # no version either
+
+
+def test_me_usage_and_queue_positions_for_the_console(api: TestClient, spec: dict, db_url: str) -> None:
+    from tuneplane.store import Database
+    from tuneplane.store.models import Job
+
+    assert api.get("/v1/me", headers=ALPHA).json() == {"team": "alpha", "role": "member"}
+    assert api.get("/v1/me", headers=ROOT).json() == {"team": "alpha", "role": "admin"}
+    ids = [api.post("/v1/jobs", json=spec, headers=h).json()["id"] for h in (ALPHA, ALPHA, BETA, BETA)]
+    db = Database(db_url)
+    with db.session() as s:  # alpha's two are queued, beta's first runs (2 GPUs), its second waits
+        for job_id, state in zip(ids, ["QUEUED", "QUEUED", "RUNNING", "PENDING"], strict=True):
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.state = state
+            job.gpus = 2 if state == "RUNNING" else 0
+    db.engine.dispose()
+    # beta's priority (10) puts nothing of its own in the queue; alpha's oldest goes first
+    places = {j["id"]: j["queue_position"] for j in api.get("/v1/jobs", headers=ROOT).json()["items"]}
+    assert places == {ids[0]: 1, ids[1]: 2, ids[2]: None, ids[3]: None}
+    assert api.get(f"/v1/jobs/{ids[1]}", headers=ALPHA).json()["queue_position"] == 2
+
+    alpha = api.get("/v1/usage", headers=ALPHA).json()
+    assert alpha == {
+        "team": "alpha",
+        "jobs": {"in_use": 0, "allowed": 1},
+        "gpus": {"in_use": 0, "allowed": 8},
+        "waiting": {"in_use": 2, "allowed": 100},
+    }
+    assert api.get("/v1/usage?team=beta", headers=ALPHA).json()["team"] == "alpha"  # members see their own
+    beta = api.get("/v1/usage?team=beta", headers=ROOT).json()
+    assert (beta["jobs"], beta["gpus"], beta["waiting"]["in_use"]) == (
+        {"in_use": 1, "allowed": 2},
+        {"in_use": 2, "allowed": 0},
+        1,
+    )
+    assert api.get("/v1/usage?team=nope", headers=ROOT).status_code == 404

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
@@ -15,12 +15,15 @@ from tuneplane.admission import JobLookup, admit, memory_check, preflight_report
 from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, ReconcilerDep
 from tuneplane.api.problems import Problem, field_errors
 from tuneplane.api.schemas import (
+    CallerOut,
     EventOut,
     JobDetail,
     JobList,
     JobMetrics,
     JobOut,
     ModelVersionOut,
+    QuotaUse,
+    UsageOut,
     ValidationReport,
     problem_responses,
 )
@@ -28,13 +31,24 @@ from tuneplane.config import PlatformConfig
 from tuneplane.errors import SpecError, TuneplaneError, clip
 from tuneplane.spec import TuningSpec, json_schema
 from tuneplane.states import JobState
-from tuneplane.store import Database, Principal, cancel_job, create_job, get_job, list_events, list_jobs
+from tuneplane.store import (
+    Database,
+    Principal,
+    cancel_job,
+    create_job,
+    get_job,
+    list_events,
+    list_jobs,
+    queue_positions,
+    team_usage,
+)
 
 router = APIRouter(prefix="/v1", responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 SpecBody = Annotated[
     dict[str, Any],
     Body(description="A tuning spec (see the TuningSpec schema)."),
 ]
+Listed = TypeVar("Listed", bound=JobOut)
 _SPEC_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": json_schema()}}, "required": True}}
 
 
@@ -88,14 +102,51 @@ def jobs(
 ) -> JobList:
     with db.session(readonly=True) as s:
         found = list_jobs(s, caller, [x.value for x in state or []], name, team, limit + 1, offset)
-        items = [JobOut.model_validate(j) for j in found[:limit]]
+        items = _placed(s, [JobOut.model_validate(j) for j in found[:limit]])
     return JobList(items=items, next_offset=offset + limit if len(found) > limit else None)
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)
 def job(job_id: str, caller: Caller, db: DatabaseDep) -> JobDetail:
     with db.session(readonly=True) as s:
-        return JobDetail.model_validate(get_job(s, caller, job_id))
+        return _placed(s, [JobDetail.model_validate(get_job(s, caller, job_id))])[0]
+
+
+def _placed(session: Any, jobs: list[Listed]) -> list[Listed]:
+    """Queued jobs with their place in the queue."""
+    if not any(j.state == JobState.QUEUED for j in jobs):
+        return jobs
+    places = queue_positions(session)
+    return [j.model_copy(update={"queue_position": places.get(j.id)}) for j in jobs]
+
+
+@router.get("/me", response_model=CallerOut)
+def me(caller: Caller) -> CallerOut:
+    """The team and role of the calling token (what a console shows after sign-in)."""
+    return CallerOut(team=caller.team, role="admin" if caller.is_admin else "member")
+
+
+@router.get("/usage", response_model=UsageOut)
+def usage(
+    caller: Caller,
+    db: DatabaseDep,
+    config: ConfigDep,
+    team: Annotated[str | None, Query(max_length=63, description="Admins only.")] = None,
+) -> UsageOut:
+    """The team's quota and what its jobs hold now (admins: any team's)."""
+    name = team if caller.is_admin and team else caller.team
+    found = config.team(name)
+    if found is None:
+        raise Problem(404, "not found", f"team {name} is not configured")
+    with db.session(readonly=True) as s:
+        held, waiting = team_usage(s, name)
+    quota = found.quota
+    return UsageOut(
+        team=name,
+        jobs=QuotaUse(in_use=held.jobs, allowed=quota.max_concurrent_jobs),
+        gpus=QuotaUse(in_use=held.gpus, allowed=quota.max_gpus),
+        waiting=QuotaUse(in_use=waiting, allowed=quota.max_waiting_jobs),
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut)

@@ -46,6 +46,9 @@ class JobOut(BaseModel):
     submitted_at: OptionalTime
     started_at: OptionalTime
     finished_at: OptionalTime
+    queue_position: int | None = Field(
+        None, description="For a QUEUED job, its place in the queue over every team (1 = handed over next)."
+    )
 
 
 class JobDetail(JobOut):
@@ -57,6 +60,27 @@ class JobDetail(JobOut):
 class JobList(BaseModel):
     items: list[JobOut]
     next_offset: int | None
+
+
+class CallerOut(BaseModel):
+    """Who a token belongs to."""
+
+    team: str
+    role: Literal["member", "admin"]
+
+
+class QuotaUse(BaseModel):
+    in_use: int
+    allowed: int
+
+
+class UsageOut(BaseModel):
+    """A team's quota and what its jobs hold now."""
+
+    team: str
+    jobs: QuotaUse = Field(description="Jobs submitted or running, against max_concurrent_jobs.")
+    gpus: QuotaUse = Field(description="GPUs those jobs hold, against max_gpus.")
+    waiting: QuotaUse = Field(description="Jobs pending, validating or queued, against max_waiting_jobs.")
 
 
 class EventOut(BaseModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,8 @@ class PreflightReport:
                     "length_histogram": dict(s.histogram()),
                     "fatal": s.fatal,
                     "time_limited": s.time_limited,
+                    # Rendered examples as spans of text, `trained` where the loss counts (what the CLI colours).
+                    "samples": [[asdict(span) for span in sample] for sample in s.samples],
                     **_pair_figures(s),
                 }
                 for s in self.sources
@@ -142,6 +144,7 @@ def _pair_figures(s: SourceReport) -> dict[str, Any]:
         "chosen_length_mean": mean["chosen"],
         "rejected_length_mean": mean["rejected"],
         "rejected_length_histogram": dict(s.histogram(s.rejected_lengths)),
+        "pair_samples": [asdict(pair) for pair in s.pair_samples],
     }
 
 

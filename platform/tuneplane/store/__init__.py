@@ -13,7 +13,9 @@ from tuneplane.store.jobs import (
     get_job,
     list_events,
     list_jobs,
+    queue_positions,
     record_submission,
+    team_usage,
     transition,
 )
 from tuneplane.store.models import Attempt, Job, JobEvent
@@ -31,6 +33,8 @@ __all__ = [
     "get_job",
     "list_events",
     "list_jobs",
+    "queue_positions",
     "record_submission",
+    "team_usage",
     "transition",
 ]

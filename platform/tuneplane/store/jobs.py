@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
@@ -272,7 +273,23 @@ def queued_jobs(session: Session, skip_teams: Collection[str] = (), per_team: in
             .with_for_update(skip_locked=True)
             .limit(per_team)
         )
-    return sorted(jobs, key=lambda j: (-j.priority, _naive(j.created_at), j.id))
+    return sorted(jobs, key=_scheduling_order)
+
+
+def _scheduling_order(job: Any) -> tuple[int, datetime, str]:
+    """The order queued jobs are handed to the backend in: team priority, then age."""
+    return (-job.priority, _naive(job.created_at), job.id)
+
+
+def queue_positions(session: Session) -> dict[str, int]:
+    """Each queued job's place in the queue (1 = next), in scheduling order over every team."""
+    rows = session.execute(select(Job.id, Job.priority, Job.created_at).where(Job.state == JobState.QUEUED))
+    return {row.id: place for place, row in enumerate(sorted(rows, key=_scheduling_order), start=1)}
+
+
+def team_usage(session: Session, team: str) -> tuple[Usage, int]:
+    """What the team's submitted and running jobs hold, and how many of its jobs wait."""
+    return usage_by_team(session).get(team, Usage()), count_waiting(session, team)
 
 
 def count_waiting(session: Session, team: str) -> int:
