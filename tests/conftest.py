@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.config import PG_ADMIN_URL, free_port
+from tests.support.live import Server, serve
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a hub id fails at once instead of retrying
@@ -135,3 +137,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """`tuneplane serve` in its own process (SQLite, local backend), stopped with its jobs afterwards."""
+    yield from serve(tmp_path)

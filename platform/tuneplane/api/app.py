@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tuneplane import __version__
-from tuneplane.api import probes, problems
+from tuneplane.api import console, probes, problems
 from tuneplane.api.auth import TokenIndex, local_admin_token
 from tuneplane.api.deps import Services
 from tuneplane.api.routes import router
@@ -71,6 +71,7 @@ def create_app(
     problems.install(app)
     app.include_router(router)
     app.include_router(probes.router)
+    console.install(app)
     app.add_middleware(RequestMetrics, telemetry=found.telemetry)
     app.add_middleware(problems.BodyLimit, max_bytes=config.max_request_bytes)
     return app

@@ -17,6 +17,7 @@ from tuneplane.spec import load_spec
 
 if TYPE_CHECKING:
     from tuneplane.client import Client
+    from tuneplane.config import PlatformConfig
 
 
 Url = Annotated[str | None, typer.Option(envvar="TUNEPLANE_URL", help="API address.")]
@@ -206,6 +207,17 @@ def _scores(scores: dict[str, float]) -> str:
     return "\n".join(f"{k} {scores[k]:.4g}" for k in keys) or "-"
 
 
+def console_hint(config: PlatformConfig, url: str) -> str:
+    """Where the web console is and how to sign in to it (the embedded default's admin token file)."""
+    from tuneplane.home import Home
+
+    line = f"web console: {url}/console/"
+    if config.backend == "local" and not (config.auth.tokens or config.auth.tokens_file):
+        token = Home(config.home).token
+        line += f" (sign in with the local admin token: cat {token}; `tuneplane serve` keeps it up after the demo)"
+    return line
+
+
 @app.command()
 def demo(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC")] = Path("jobs/tiny-cpu.yaml"),
@@ -236,6 +248,9 @@ def demo(
         err_console.print(f"[bold red]the API could not start on port {port}[/]")
         raise typer.Exit(1)
     console.print(f"API on http://127.0.0.1:{port} (local backend)")
+    console.print(
+        console_hint(load_or_exit("config", load_config, None), f"http://127.0.0.1:{port}"), highlight=False
+    )
     try:
         submit(spec_path, wait=True, sample=sample, url=f"http://127.0.0.1:{port}")
     finally:

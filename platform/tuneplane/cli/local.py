@@ -244,10 +244,13 @@ def serve(
     import uvicorn
 
     from tuneplane.api import create_app
+    from tuneplane.cli.jobs import console_hint
     from tuneplane.config import load_config
 
     cfg = load_or_exit("config", load_config, config)
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info")
+    app = create_app(cfg)  # makes the local admin token on first use, which the hint names
+    typer.echo(console_hint(cfg, f"http://{host}:{port}"))
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @app.command("token")
