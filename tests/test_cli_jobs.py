@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 import yaml
 from typer.testing import CliRunner
 
-from tests.support.config import REPO, free_port, platform_config
-from tuneplane.api import create_app
+from tests.support.config import REPO, free_port
+from tests.support.live import api_in_thread
 from tuneplane.cli import app
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def api_url(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("cli-home")
-    config = platform_config(home, f"sqlite:///{home / 'db'}")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, run_reconciler=False), host="127.0.0.1", port=port, log_level="error"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        threading.Event().wait(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with api_in_thread(tmp_path_factory.mktemp("cli-home")) as url:
+        yield url
 
 
 def cli(url: str, *args: str, token: str = "tok-alpha"):

@@ -10,20 +10,17 @@ keys (echoed in error messages)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from tests.support.browser import DESKTOP, PHONE, Page, browser_session, require_browser
-from tests.support.config import REPO, free_port, platform_config
-from tests.support.live import Server
+from tests.support.config import REPO
+from tests.support.live import Server, api_in_thread
 from tests.test_e2e import quick_spec
-from tuneplane.api import create_app
 from tuneplane.client import Client
 from tuneplane.spec import load_spec
 
@@ -33,17 +30,8 @@ HOSTILE = '<script>window.__pwned=1</script>"><img src=x onerror="window.__pwned
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The API (SQLite) without its reconciler: submitted jobs stay PENDING, so pages are stable."""
-    home = tmp_path_factory.mktemp("console-home")
-    config = platform_config(home, f"sqlite:///{home / 'db'}")
-    app = create_app(config, run_reconciler=False)
-    api = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error"))
-    thread = threading.Thread(target=api.run, daemon=True)
-    thread.start()
-    while not api.started:
-        threading.Event().wait(0.05)
-    yield f"http://127.0.0.1:{api.config.port}"
-    api.should_exit = True
-    thread.join(10)
+    with api_in_thread(tmp_path_factory.mktemp("console-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""`tuneplane serve` in its own process, with the test tokens and a fast reconciler: what the end-to-end and
-console tests run jobs against (the `server` fixture in tests/conftest.py)."""
+"""API servers for tests that talk HTTP: `tuneplane serve` in its own process, with the test tokens and a fast
+reconciler (what the end-to-end and console tests run jobs against: the `server` fixture in tests/conftest.py),
+and the app in a thread of the test process without its reconciler (`api_in_thread`: jobs stay PENDING)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from tests.support.config import DATA_ROOTS, TOKENS, free_port
+from tests.support.config import DATA_ROOTS, TOKENS, free_port, platform_config
 from tuneplane.client import Client
 from tuneplane.config import hash_token
 
@@ -80,3 +83,21 @@ def serve(home: Path) -> Iterator[Server]:
     for pid_file in (home / "jobs").glob("*/pid"):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@contextmanager
+def api_in_thread(home: Path) -> Iterator[str]:
+    """The API (SQLite in `home`, the two test teams) served by uvicorn in a thread, without its reconciler."""
+    import uvicorn
+
+    from tuneplane.api import create_app
+
+    app = create_app(platform_config(home, f"sqlite:///{home / 'db'}"), run_reconciler=False)
+    api = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error"))
+    thread = threading.Thread(target=api.run, daemon=True)
+    thread.start()
+    while not api.started:
+        threading.Event().wait(0.05)
+    yield f"http://127.0.0.1:{api.config.port}"
+    api.should_exit = True
+    thread.join(10)
