@@ -114,20 +114,22 @@ def test_hostile_strings_render_as_text(page: Page, api_url: str, tmp_path: Path
     page.wait(lambda: HOSTILE in page.text("pre.spec"), what="the system prompt, as text")
 
     records = tmp_path / "hostile.jsonl"
-    records.write_text(
-        "\n".join(json.dumps({"instruction": HOSTILE, "input": "", "output": HOSTILE}) for _ in range(4))
-        + "\n"
-    )
+    good = json.dumps({"instruction": HOSTILE, "input": "", "output": HOSTILE})
+    records.write_text(f"{good}\n{good}\n{{not json\n{good}\n")  # line 3 is bad
     spec = tiny_spec(
         sources=[{"uri": str(records), "format": "alpaca"}], eval_sources=[], holdout_fraction=0.0
     )
     spec["eval"].update(zero_shot_sources=[], gate=None, lm_eval=None)
+    spec["data"]["sources"][0].update(on_error="skip", max_error_fraction=0.5)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     page.go("#/submit")
     page.wait(lambda: page.css("#spec"), what="submit page")
-    page.css("#spec").send_keys(yaml.safe_dump(spec))
+    page.css("#spec-file").send_keys(str(tmp_path / "spec.yaml"))  # uploaded rather than pasted
+    page.wait(lambda: "hostile.jsonl" in page.css("#spec").get_attribute("value"), what="the uploaded spec")
     page.css("#validate").click()
     page.wait(lambda: page.all("#report mark.trained"), timeout=60, what="preflight sample")
     assert HOSTILE in page.text("#report")
+    assert f"{records}:3" in page.text("#report")  # the bad record, by uri:line
     assert any(HOSTILE in m.text for m in page.all("#report mark.trained"))  # the response is what trains
 
     bad = tiny_spec()
@@ -284,7 +286,10 @@ def test_the_tiny_job_runs_to_succeeded_with_its_chart_updating_and_its_model_li
         page.sign_in("tok-alpha")
         page.go("#/submit")
         page.wait(lambda: page.css("#spec"), what="submit page")
-        page.css("#spec").send_keys(quick_spec(tmp_path, tiny_dir, max_steps=40).read_text())
+        spec = yaml.safe_load(quick_spec(tmp_path, tiny_dir, max_steps=40).read_text())
+        parity = tiny_spec()["eval"]["zero_shot_sources"][0]  # one zero-shot task, for the before/after table
+        spec["eval"].update(zero_shot_sources=[parity], max_examples=12)
+        page.css("#spec").send_keys(yaml.safe_dump(spec))
         page.css("#submit").click()
         page.wait(lambda: "#/jobs/" in page.driver.current_url, what="the job page")
         job_id = page.driver.current_url.rsplit("/", 1)[-1]
@@ -300,6 +305,20 @@ def test_the_tiny_job_runs_to_succeeded_with_its_chart_updating_and_its_model_li
         uri = page.wait(lambda: page.css(".model-uri").text, timeout=60, what="the model URI")
         assert uri.startswith("models:/alpha.e2e-adapter/")
         assert page.css("progress").get_attribute("value") == "40"
+        scores = page.wait(lambda: page.all("#zero-shot tbody tr"), what="the zero-shot table")
+        table = [[td.text for td in row.find_elements("css selector", "td")] for row in scores]
+        assert [row[0] for row in table] == ["parity-labeled-eval", "mean"]
+        assert all(0 <= float(x) <= 1 for x in table[0][1:3]), table
+        page.driver.execute_cdp_cmd(
+            "Browser.grantPermissions",
+            {"origin": server.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        )
+        next(b for b in page.all("button") if b.text == "Copy").click()
+        page.wait(lambda: page.text("#status") == "Copied", what="copied")
+        copied = page.driver.execute_async_script(
+            "const done = arguments[0]; navigator.clipboard.readText().then(done, e => done(String(e)));"
+        )
+        assert copied == uri
         page.shot("job-succeeded")
         page.go("#/models")
         page.wait(lambda: job_id in page.text(), what="the model listed")

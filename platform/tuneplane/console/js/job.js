@@ -26,7 +26,7 @@ export async function render(main, { route, poll }) {
   const slots = CHART_GROUPS.map(() => h("div", { class: "slot" }));
   const noMetrics = h("p", { class: "muted" }, "No metrics yet.");
   const charts = h("div", { class: "charts" }, slots);
-  const zeroShot = h("div", {});
+  const zeroShot = h("div", { id: "zero-shot" });
   const events = h("ol", { class: "timeline" });
   const log = h("pre", { class: "log", tabindex: 0, "aria-label": "Log tail" });
   const built = new Map();
@@ -126,7 +126,7 @@ function zeroShotTable(latest) {
   const tasks = Object.keys(latest).filter((k) => k.startsWith("zero_shot/")).map((k) => k.slice("zero_shot/".length));
   if (!tasks.length) return h("p", { class: "muted" }, "No zero-shot scores (yet).");
   return table(["Task", { label: "Base", num: true }, { label: "Tuned", num: true }, { label: "Change", num: true }],
-    tasks.sort().map((task) => {
+    tasks.sort((a, b) => (a === "mean") - (b === "mean") || a.localeCompare(b)).map((task) => { // mean last
       const base = latest[`zero_shot_base/${task}`];
       const tuned = latest[`zero_shot/${task}`];
       return h("tr", {}, h("td", {}, task), h("td", { class: "num" }, number(base)), h("td", { class: "num" }, number(tuned)),

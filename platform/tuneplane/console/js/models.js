@@ -13,7 +13,7 @@ export async function render(main) {
   replace(main,
     h("h1", {}, "Models"),
     versions.length
-      ? table(["Model", { label: "Version", num: true }, "Base model", "Job", "Gate", "Scores", "Registered", ""],
+      ? table(["Model", { label: "Version", num: true }, "Base model", "Job", "Gate", "Scores", "Registered", "URI"],
         versions.map((v) => h("tr", {},
           h("td", { class: "name" }, v.name),
           h("td", { class: "num" }, v.version),
