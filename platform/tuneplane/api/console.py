@@ -51,10 +51,11 @@ def install(app: FastAPI) -> None:
     app.add_middleware(SecurityHeaders)
 
 
-def cache_control(path: str) -> bytes:
+def cache_control(path: str, status: int) -> bytes:
     """Team data (`/v1`) is never stored by a browser or proxy; the console's files hold none, so they may be
-    cached, its page revalidated on each load (a new version shows at once), the assets for five minutes."""
-    if not path.startswith(f"{CONSOLE_PATH}/"):
+    cached, its page revalidated on each load (a new version shows at once), the assets for five minutes, the
+    vendored libraries (their folders carry their versions) for a day. Errors are never stored."""
+    if status >= 400 or not path.startswith(f"{CONSOLE_PATH}/"):
         return b"no-store"
     if path.endswith((".js", ".css", ".svg")) and "/vendor/" in path:
         return b"public, max-age=86400"
@@ -77,7 +78,7 @@ class SecurityHeaders:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
-                headers += [*_ALWAYS, (b"cache-control", cache_control(path))]
+                headers += [*_ALWAYS, (b"cache-control", cache_control(path, message["status"]))]
                 if path.startswith(CONSOLE_PATH) or path == "/":
                     headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
                 message["headers"] = headers
