@@ -264,6 +264,7 @@ def test_headers_keep_team_data_out_of_caches_and_scripts_to_this_origin(api_url
         assert http.get("/v1/jobs").headers["cache-control"] == "no-store"  # errors too
         assert http.get("/", follow_redirects=False).headers["location"] == "/console/"
         assert http.get("/console/js/missing.js").headers["cache-control"] == "no-store"
+        assert http.get("/console/js/app.js").headers["cache-control"] == "no-cache"  # never a stale module
     assert "<script>" not in (REPO / "platform/tuneplane/console/index.html").read_text().split("</head>")[1]
 
 

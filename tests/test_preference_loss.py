@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from types import MethodType, SimpleNamespace
@@ -197,9 +198,12 @@ def test_starting_adapter_reference_stays_the_sft_model_while_the_policy_trains(
     sft.save_pretrained(str(tmp_path / "sft"))
     batch = _model_inputs(_pairs(tokenizer))
     sft_logps = sequence_logps(sft, batch).logps.detach()
+    config = tmp_path / "sft" / "adapter_config.json"  # as SFT jobs train: with LoRA dropout
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"lora_dropout": 0.5}))
 
     model = _policy(tiny_dir, adapter=tmp_path / "sft")
     ref = _reference("starting_adapter", model, tmp_path / "sft")
+    model.train()  # as the recipe trains it (PEFT's load_adapter left it in eval mode)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
     torch.testing.assert_close(ref.logps(batch).logps, sft_logps, rtol=1e-6, atol=1e-5)

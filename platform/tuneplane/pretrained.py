@@ -154,7 +154,7 @@ def locate_adapter(model: ModelSpec, tracking_uri: str | None) -> str:
         with tempfile.TemporaryDirectory() as scratch:
             description = yaml.safe_load(Path(repo.download_artifacts("MLmodel", scratch)).read_text())
         path = description["flavors"]["python_function"]["artifacts"]["model"]["path"]
-        return f"{repo.get_underlying_uri(uri).rstrip('/')}/{path}"
+        return f"{repo.repo.artifact_uri.rstrip('/')}/{path}"  # the version's own store, not a second lookup
     except (MlflowException, KeyError, TypeError, OSError) as exc:
         raise PretrainedError(
             f"model.adapter: {uri}: cannot fetch: {clip(str(exc).splitlines()[0])}"
@@ -165,7 +165,6 @@ def download_adapter(location: str, model: ModelSpec, tracking_uri: str | None, 
     """The adapter at `location` (from `locate_adapter`) copied into `into`, straight from the artifact store
     (each worker in parallel, no registry query)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     into.mkdir(parents=True, exist_ok=True)
     try:
@@ -174,10 +173,9 @@ def download_adapter(location: str, model: ModelSpec, tracking_uri: str | None, 
                 artifact_uri=location, dst_path=str(into), tracking_uri=tracking_uri
             )
         )
-    except (MlflowException, OSError) as exc:
-        raise PretrainedError(
-            f"model.adapter: {model.adapter}: cannot fetch: {clip(str(exc).splitlines()[0])}"
-        ) from None
+    except Exception as exc:  # MLflow, OS and each object store's client (botocore, gcsfs...) errors alike
+        reason = clip(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise PretrainedError(f"model.adapter: {model.adapter}: cannot fetch: {reason}") from None
     if not (folder / "adapter_config.json").is_file():
         raise PretrainedError(f"model.adapter: {model.adapter} holds a full model, not an adapter")
     return folder

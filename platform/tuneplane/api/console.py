@@ -53,13 +53,13 @@ def install(app: FastAPI) -> None:
 
 def cache_control(path: str, status: int) -> bytes:
     """Team data (`/v1`) is never stored by a browser or proxy; the console's files hold none, so they may be
-    cached, its page revalidated on each load (a new version shows at once), the assets for five minutes, the
-    vendored libraries (their folders carry their versions) for a day. Errors are never stored."""
+    cached: revalidated on each load, the vendored libraries (their folders carry their versions) kept for a
+    day. Errors are never stored."""
     if status >= 400 or not path.startswith(f"{CONSOLE_PATH}/"):
         return b"no-store"
-    if path.endswith((".js", ".css", ".svg")) and "/vendor/" in path:
-        return b"public, max-age=86400"
-    return b"no-cache" if path.endswith(("/", ".html")) else b"public, max-age=300"
+    # The console's own page, modules and stylesheet are revalidated on every load (ETags make that cheap), so
+    # an upgrade never mixes old and new modules; only the vendored libraries, versioned by folder, are kept.
+    return b"public, max-age=86400" if f"{CONSOLE_PATH}/vendor/" in path else b"no-cache"
 
 
 class SecurityHeaders:

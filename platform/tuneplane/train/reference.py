@@ -80,8 +80,18 @@ def prepare(kind: ReferenceKind, model: Any, adapter: Path | None) -> Reference:
         if adapter is None:
             raise ValueError("a starting_adapter reference needs the model.adapter folder")
         model.load_adapter(str(adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        _without_dropout(model, REFERENCE_ADAPTER)
         model.set_adapter(TRAINED_ADAPTER)
         return Reference(kind)
     if kind == "frozen_copy":
         return Reference(kind, copy.deepcopy(model).requires_grad_(False).eval())
     return Reference(kind)
+
+
+def _without_dropout(model: Any, adapter_name: str) -> None:
+    """The reference scores inside the policy, which is in train mode: its adapter's LoRA dropout (the SFT
+    job's, often 0.05) would make every reference log-prob a random draw. A reference is deterministic."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and adapter_name in dropouts:
+            dropouts[adapter_name] = torch.nn.Identity()
