@@ -10,6 +10,7 @@ keys (echoed in error messages)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,3 +328,20 @@ def test_the_tiny_job_runs_to_succeeded_with_its_chart_updating_and_its_model_li
         assert "alpha.e2e-adapter" in page.text()
         page.shot("models")
         assert page.axe() == [] and page.csp_violations() == []
+
+
+def test_a_page_left_while_it_loads_never_replaces_the_next_one(page: Page, api_url: str) -> None:
+    job = submit(api_url, tiny_spec())
+    page.sign_in("tok-alpha")
+    for _ in range(3):  # the job page starts loading, the models page is asked for before it is done
+        page.driver.execute_script(
+            "location.hash = arguments[0]; setTimeout(() => { location.hash = '#/models'; }, 0);",
+            f"#/jobs/{job['id']}",
+        )
+        page.wait(lambda: "How to load one" in page.text(), what="the models page")
+        page.driver.implicitly_wait(0)
+        threading.Event().wait(3)  # several poll periods: a leftover job page would have redrawn by now
+        assert "How to load one" in page.text() and job["id"] not in page.text("h1")
+        assert len(page.all("dialog")) == 0  # the job page's confirmation went with it
+        page.go("#/jobs")
+        page.wait(lambda: "Team alpha" in page.text(), what="jobs")

@@ -18,13 +18,13 @@ export const session = {
   signOut() { sessionStorage.clear(); },
 };
 
-export async function api(path, { method = "GET", body, query, text = false, signal } = {}) {
+export async function api(path, { method = "GET", body, query, text = false, signal, headers: extra } = {}) {
   const url = new URL(`/v1${path}`, window.location.origin);
   for (const [key, value] of Object.entries(query || {})) {
     if (value === null || value === undefined || value === "") continue;
     for (const one of [].concat(value)) url.searchParams.append(key, one);
   }
-  const headers = { Authorization: `Bearer ${session.token}` };
+  const headers = { ...extra, Authorization: `Bearer ${session.token}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(url, {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,

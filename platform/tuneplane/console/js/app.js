@@ -14,8 +14,12 @@ const main = document.getElementById("main");
 let cleanup = () => {};
 let me = null;
 
+function decode(part) {
+  try { return decodeURIComponent(part); } catch { return part; } // a malformed %-escape: taken as written
+}
+
 function routeOf(hash) {
-  const parts = hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const parts = hash.replace(/^#\/?/, "").split("/").map(decode);
   if (parts[0] === "jobs" && parts[1]) return { page: job, name: "jobs", id: parts[1] };
   if (parts[0] === "submit") return { page: submit, name: "submit" };
   if (parts[0] === "models") return { page: models, name: "models" };
@@ -39,7 +43,10 @@ export function poll(fn) {
   return () => { stopped = true; clearTimeout(timer); };
 }
 
+let rendering = 0; // which render is current: an older one that finishes later must not touch the page
+
 async function render() {
+  const mine = ++rendering;
   cleanup();
   cleanup = () => {};
   if (!session.token) return renderSignIn();
@@ -47,8 +54,10 @@ async function render() {
     try {
       me = await api("/me");
     } catch (error) {
-      return renderSignIn(error.status === 401 ? "That token is not known here." : error.message);
+      if (mine === rendering) renderSignIn(error.status === 401 ? "That token is not known here." : error.message);
+      return;
     }
+    if (mine !== rendering) return;
   }
   document.getElementById("nav").hidden = false;
   document.getElementById("signout").hidden = false;
@@ -58,8 +67,20 @@ async function render() {
     if (link.dataset.route === route.name) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  replace(main);
-  cleanup = (await route.page.render(main, { me, route, poll })) || (() => {});
+  const page = h("div", {});
+  replace(main, page);
+  let stop;
+  try {
+    stop = (await route.page.render(page, { me, route, poll })) || (() => {});
+  } catch (error) {
+    stop = () => {};
+    if (mine === rendering) replace(page, h("h1", {}, "Something went wrong"), h("p", { class: "error", role: "alert" }, error.message));
+  }
+  if (mine !== rendering) { // the user moved on while this page was loading
+    stop();
+    return;
+  }
+  cleanup = stop;
   main.focus({ preventScroll: true });
 }
 
@@ -94,6 +115,7 @@ document.getElementById("signout").addEventListener("click", () => {
   window.location.hash = "#/jobs";
   render();
 });
-window.addEventListener("tuneplane:signed-out", () => render());
+// A token refused mid-session (revoked, rotated): back to sign-in. During sign-in itself render() says why.
+window.addEventListener("tuneplane:signed-out", () => { if (me) { me = null; render(); } });
 window.addEventListener("hashchange", render);
 render();

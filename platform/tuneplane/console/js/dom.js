@@ -62,3 +62,9 @@ export function copyButton(text, label) {
     },
   }, "Copy");
 }
+
+// Polling rebuilds parts of a page; a part holding the keyboard focus (or an open menu) is left alone until the
+// user leaves it, so a periodic refresh never throws keyboard and screen-reader users back to the top.
+export function busy(el) {
+  return el.contains(document.activeElement) && document.activeElement !== document.body;
+}

@@ -14,10 +14,16 @@ export function duration(seconds) {
   return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
 }
 
-// Time left from the pace so far: (elapsed / steps done) x steps to go. Null until a step is done.
-export function eta(startedAt, step, maxSteps, now = Date.now()) {
-  if (!startedAt || !step || !maxSteps || step >= maxSteps) return null;
-  const elapsed = (now - new Date(startedAt).getTime()) / 1000;
+// Time left at the pace this page has seen: (time / steps since the first sighting) x steps to go. Before a
+// second sighting, the pace since the job started (start-up included, so an overestimate).
+const sightings = new Map(); // job id -> first {at, step} seen with step > 0
+
+export function eta(job, step, maxSteps, now = Date.now()) {
+  if (!job.started_at || !step || !maxSteps || step >= maxSteps) return null;
+  const first = sightings.get(job.id);
+  if (!first) sightings.set(job.id, { at: now, step });
+  if (first && step > first.step) return ((now - first.at) / 1000 / (step - first.step)) * (maxSteps - step);
+  const elapsed = (now - new Date(job.started_at).getTime()) / 1000;
   return (elapsed / step) * (maxSteps - step);
 }
 

@@ -4,7 +4,7 @@
 import { dump } from "../vendor/js-yaml-4.1.0/js-yaml.mjs";
 import { api } from "./api.js";
 import { Chart, CHART_GROUPS, groupKeys } from "./charts.js";
-import { copyButton, h, replace, say, stateBadge, table } from "./dom.js";
+import { busy, copyButton, h, replace, say, stateBadge, table } from "./dom.js";
 import { number, TERMINAL, when } from "./format.js";
 import { progressCell } from "./jobs.js";
 
@@ -21,7 +21,12 @@ export async function render(main, { route, poll }) {
     return null;
   }
   document.title = `${job.name} · Tuneplane`;
-  const head = h("div", {});
+  // The head's figures are rebuilt on every poll; its controls only when they change (and never while one
+  // has the focus), so a keyboard user's place survives the refresh.
+  const info = h("div", {});
+  const model = h("div", {});
+  const actions = h("div", { class: "row" });
+  const head = h("div", {}, info, model, actions);
   // One slot per chart group, so the charts keep their order whichever appears first.
   const slots = CHART_GROUPS.map(() => h("div", { class: "slot" }));
   const noMetrics = h("p", { class: "muted" }, "No metrics yet.");
@@ -39,6 +44,8 @@ export async function render(main, { route, poll }) {
     h("h2", {}, "Log"), log,
     h("h2", {}, "Spec"), h("pre", { class: "spec", tabindex: 0, "aria-label": "Spec (YAML)" }, dump(job.spec, { lineWidth: 110 })));
 
+  let readsAfterEnd = 0;
+
   async function refresh() {
     job = await api(`/jobs/${encodeURIComponent(route.id)}`);
     const [metrics, history, tail] = await Promise.all([
@@ -46,7 +53,28 @@ export async function render(main, { route, poll }) {
       api(`/jobs/${encodeURIComponent(job.id)}/events`),
       api(`/jobs/${encodeURIComponent(job.id)}/logs`, { query: { tail: LOG_LINES }, text: true }).catch(() => ""),
     ]);
-    renderHead(head, job, metrics, dialog);
+    renderHead(info, job, metrics);
+    if (!busy(model) && model.dataset.uri !== String(job.model_uri)) {
+      model.dataset.uri = String(job.model_uri);
+      replace(model, job.model_uri
+        ? h("div", { class: "row panel" }, "Registered model ", h("code", { class: "model-uri" }, job.model_uri),
+          copyButton(job.model_uri, "Copy the model URI"), h("a", { href: "#/models" }, "Models"))
+        : null);
+    }
+    const ended = TERMINAL.has(job.state);
+    if (!busy(actions) && actions.dataset.ended !== String(ended)) {
+      actions.dataset.ended = String(ended);
+      replace(actions, ended ? null : h("button", {
+        type: "button", class: "danger",
+        onclick: () => { dialog.returnValue = ""; dialog.showModal(); },
+      }, "Cancel…"), h("button", {
+        type: "button", class: "quiet",
+        onclick: () => {
+          sessionStorage.setItem(DRAFT_KEY, dump(job.spec, { lineWidth: 110 }));
+          window.location.hash = "#/submit";
+        },
+      }, "Submit again"));
+    }
     for (const [index, group] of CHART_GROUPS.entries()) {
       const keys = groupKeys(group, metrics?.history || {});
       if (!keys.length) continue;
@@ -68,25 +96,16 @@ export async function render(main, { route, poll }) {
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     log.textContent = tail || "(no log yet)";
     if (atBottom) log.scrollTop = log.scrollHeight; // follow, unless the reader scrolled up
-    return !TERMINAL.has(job.state) || !metrics; // keep polling until the job ended and its metrics are read
+    // Poll until the job ended, then once more for its final metrics and log, then stop.
+    if (TERMINAL.has(job.state)) readsAfterEnd += 1;
+    return readsAfterEnd < 2;
   }
   const stop = poll(refresh);
   return () => { stop(); dialog.remove(); };
 }
 
-function renderHead(head, job, metrics, dialog) {
-  const actions = h("div", { class: "row" });
-  if (!TERMINAL.has(job.state)) {
-    actions.append(h("button", { type: "button", class: "danger", onclick: () => dialog.showModal() }, "Cancel…"));
-  }
-  actions.append(h("button", {
-    type: "button", class: "quiet",
-    onclick: () => {
-      sessionStorage.setItem(DRAFT_KEY, dump(job.spec, { lineWidth: 110 }));
-      window.location.hash = "#/submit";
-    },
-  }, "Submit again"));
-  replace(head,
+function renderHead(info, job, metrics) {
+  replace(info,
     h("h1", {}, job.name),
     h("div", { class: "row" }, stateBadge(job.state), h("span", { class: "job-message" }, job.message)),
     h("div", { class: "row muted" },
@@ -94,12 +113,7 @@ function renderHead(head, job, metrics, dialog) {
       job.queue_position ? ` · place ${job.queue_position} in the queue` : null),
     h("div", { class: "row" }, progressCell(job, metrics)),
     h("div", { class: "row muted" },
-      `created ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)}`),
-    job.model_uri
-      ? h("div", { class: "row panel" }, "Registered model ", h("code", { class: "model-uri" }, job.model_uri),
-        copyButton(job.model_uri, "Copy the model URI"), h("a", { href: "#/models" }, "Models"))
-      : null,
-    actions);
+      `created ${when(job.created_at)} · started ${when(job.started_at)} · finished ${when(job.finished_at)}`));
 }
 
 function cancelDialog(job) {
@@ -111,6 +125,7 @@ function cancelDialog(job) {
       h("button", { type: "button", class: "quiet", autofocus: true, onclick: () => dialog.close("no") }, "Keep running")));
   dialog.addEventListener("close", async () => {
     if (dialog.returnValue !== "yes") return;
+    document.getElementById("main").focus(); // the cancel button is about to go: keep the focus on the page
     try {
       await api(`/jobs/${encodeURIComponent(job.id)}/cancel`, { method: "POST" });
       say("Cancel requested");

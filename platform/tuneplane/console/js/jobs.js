@@ -2,7 +2,7 @@
 // progress, ETA, queue place and the team's quota use, refreshed by polling.
 
 import { api } from "./api.js";
-import { h, replace, stateBadge, table } from "./dom.js";
+import { busy, h, replace, stateBadge, table } from "./dom.js";
 import { duration, eta, STATES, TERMINAL, when } from "./format.js";
 
 const PAGE = 20;
@@ -13,10 +13,10 @@ export async function render(main, { me, poll }) {
   const quota = h("section", { class: "panel quota", "aria-label": "Quota" });
   const list = h("div", {});
   const pager = h("div", { class: "row" });
-  const stateSelect = h("select", { id: "state-filter", onchange: () => { filters.state = stateSelect.value; filters.offset = 0; refresh(); } },
+  const stateSelect = h("select", { id: "state-filter", onchange: () => { filters.state = stateSelect.value; filters.offset = 0; refresh().catch(() => {}); } },
     h("option", { value: "" }, "any state"), STATES.map((s) => h("option", { value: s }, s)));
   const teamInput = me.role === "admin"
-    ? h("input", { id: "team-filter", type: "search", placeholder: "all teams", onchange: () => { filters.team = teamInput.value.trim(); filters.offset = 0; refresh(); } })
+    ? h("input", { id: "team-filter", type: "search", placeholder: "all teams", onchange: () => { filters.team = teamInput.value.trim(); filters.offset = 0; refresh().catch(() => {}); } })
     : null;
   replace(main,
     h("h1", {}, "Jobs"),
@@ -27,19 +27,32 @@ export async function render(main, { me, poll }) {
       h("a", { href: "#/submit" }, "Submit a job")),
     list, pager);
 
+  let latest = 0; // a filter change and a poll may overlap: only the newest answer is shown
+  const ended = new Map(); // job id -> metrics of a job that ended (they no longer change)
+
   async function refresh() {
-    const page = await api("/jobs", { query: { state: filters.state, team: filters.team, limit: PAGE, offset: filters.offset } });
-    const progress = await Promise.all(page.items.map(progressOf));
-    replace(list, page.items.length
-      ? table(
-        ["Name", "Team", "State", "Progress", { label: "Queue", num: true }, "Created", "Started", "Finished"],
-        page.items.map((job, i) => row(job, progress[i])), "Jobs")
-      : h("p", { class: "muted" }, "No jobs match."));
-    replace(pager,
-      h("button", { type: "button", class: "quiet", disabled: filters.offset === 0, onclick: () => { filters.offset = Math.max(0, filters.offset - PAGE); refresh(); } }, "Previous"),
-      h("span", { class: "muted" }, `${filters.offset + 1}–${filters.offset + page.items.length}`),
-      h("button", { type: "button", class: "quiet", disabled: page.next_offset === null, onclick: () => { filters.offset = page.next_offset; refresh(); } }, "Next"));
+    const mine = ++latest;
+    const query = { state: filters.state, team: filters.team, limit: PAGE, offset: filters.offset };
+    const page = await api("/jobs", { query });
+    const progress = await Promise.all(page.items.map((job) => progressOf(job, ended)));
     const usage = await api("/usage", { query: { team: filters.team } });
+    if (mine !== latest) return;
+    if (!busy(list)) {
+      replace(list, page.items.length
+        ? table(
+          ["Name", "Team", "State", "Progress", { label: "Queue", num: true }, "Created", "Started", "Finished"],
+          page.items.map((job, i) => row(job, progress[i])), "Jobs")
+        : h("p", { class: "muted" }, "No jobs match."));
+    }
+    const range = `${page.items.length ? filters.offset + 1 : 0}–${filters.offset + page.items.length}`;
+    if (pager.dataset.range !== range || pager.dataset.more !== String(page.next_offset)) {
+      pager.dataset.range = range;
+      pager.dataset.more = String(page.next_offset);
+      replace(pager,
+        h("button", { type: "button", class: "quiet", disabled: filters.offset === 0, onclick: () => { filters.offset = Math.max(0, filters.offset - PAGE); refresh().catch(() => {}); } }, "Previous"),
+        h("span", { class: "muted" }, range),
+        h("button", { type: "button", class: "quiet", disabled: page.next_offset === null, onclick: () => { filters.offset = page.next_offset; refresh().catch(() => {}); } }, "Next"));
+    }
     replace(quota,
       h("strong", {}, `Team ${usage.team}`),
       meterOf("Jobs running", usage.jobs), meterOf("GPUs", usage.gpus), meterOf("Waiting", usage.waiting));
@@ -47,10 +60,14 @@ export async function render(main, { me, poll }) {
   return poll(refresh);
 }
 
-async function progressOf(job) {
+async function progressOf(job, ended) {
+  // Running jobs are read on every poll; an ended job's figures once (they no longer change).
   if (job.state !== "RUNNING" && job.state !== "SUCCEEDED") return null;
+  if (ended.has(job.id)) return ended.get(job.id);
   try {
-    return await api(`/jobs/${encodeURIComponent(job.id)}/metrics`, { query: { history: "false" } });
+    const metrics = await api(`/jobs/${encodeURIComponent(job.id)}/metrics`, { query: { history: "false" } });
+    if (TERMINAL.has(job.state)) ended.set(job.id, metrics);
+    return metrics;
   } catch {
     return null; // metrics are best effort: the list still shows
   }
@@ -72,7 +89,7 @@ export function progressCell(job, metrics) {
   const step = metrics?.step ?? (job.state === "SUCCEEDED" ? metrics?.max_steps : null);
   const total = metrics?.max_steps;
   if (!total) return TERMINAL.has(job.state) || !metrics?.step ? "—" : `step ${metrics.step}`;
-  const left = TERMINAL.has(job.state) ? null : eta(job.started_at, step, total);
+  const left = TERMINAL.has(job.state) ? null : eta(job, step, total);
   return h("span", {},
     h("progress", { max: total, value: step || 0, "aria-label": `${job.name}: step ${step || 0} of ${total}` }),
     ` ${step || 0}/${total}`,

@@ -31,6 +31,8 @@ export async function render(main) {
     h("div", { class: "row" }, validate, submit),
     problems, report);
 
+  const sent = { text: null, key: null };
+
   async function run(action) {
     replace(problems);
     replace(report);
@@ -50,17 +52,24 @@ export async function render(main) {
         if (result.problems.length) showProblems(problems, result.problems, "The spec has problems");
         replace(report, renderReport(result));
       } else {
-        const job = await api("/jobs", { method: "POST", body: spec });
+        // The same text sent again (a retry after a lost answer) carries the same key: one job, not two.
+        if (sent.text !== editor.value) Object.assign(sent, { text: editor.value, key: randomKey() });
+        const job = await api("/jobs", { method: "POST", body: spec, headers: { "Idempotency-Key": sent.key } });
         sessionStorage.removeItem(DRAFT_KEY);
         window.location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
       }
     } catch (error) {
-      showProblems(problems, error.errors.length ? error.errors : [{ field: error.title, message: error.message }], "Not accepted");
+      showProblems(problems, error.errors?.length ? error.errors : [{ field: error.title || "request", message: error.message }], "Not accepted");
     } finally {
       validate.disabled = submit.disabled = false;
     }
   }
   return null;
+}
+
+function randomKey() {
+  // crypto.getRandomValues works outside secure contexts too (randomUUID does not).
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function showProblems(box, list, title) {
