@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 
 from tuneplane.data.formats import PreferencePair, to_preference
-from tuneplane.data.keyset import KeySet
 from tuneplane.data.packing import Batch, Example, collate
 from tuneplane.data.records import RawRecord
-from tuneplane.data.stream import MixedSources, Split
-from tuneplane.data.templates import IGNORE_INDEX, Segment, SegmentTokenizer, render_pair
+from tuneplane.data.stream import MixedSources
+from tuneplane.data.templates import IGNORE_INDEX, Segment, render_pair
 from tuneplane.errors import FormatError
-from tuneplane.spec import DataSpec
 
 
 @dataclass(slots=True)
@@ -97,36 +95,8 @@ class PreferenceStream(MixedSources[PreferencePair]):
     `state_dict()` / `state=` and `drop=` behave as in InstructionStream (`packing` and `train_on_inputs` do
     not apply: a pair is never packed, and only responses are compared)."""
 
-    def __init__(
-        self,
-        data: DataSpec,
-        tokenizer: Any,
-        *,
-        seed: int = 42,
-        rank: int = 0,
-        world_size: int = 1,
-        micro_batch_size: int = 1,
-        split: Split = "train",
-        state: dict[str, Any] | None = None,
-        chunk_size: int = 64,
-        drop: KeySet | None = None,
-    ):
-        super().__init__(
-            data,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            split=split,
-            state=state,
-            chunk_size=chunk_size,
-            drop=drop,
-        )
-        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
-        self._segments = SegmentTokenizer(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pending: deque[PairExample] = deque(
-            PairExample.from_state(p) for p in (state["pending"] if state else [])
-        )
+    def _load_pending(self, pending: list[Any] | None) -> None:
+        self._pending: deque[PairExample] = deque(PairExample.from_state(p) for p in pending or [])
 
     def state_dict(self) -> dict[str, Any]:
         return self._state([p.to_state() for p in self._pending])

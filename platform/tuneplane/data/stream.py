@@ -56,19 +56,22 @@ class SourceStats:
 class MixedSources(Generic[T]):
     """What every per-rank stream shares: the sources' readers and cursors, mixing by weight, the drop-set, the
     per-source stats and on_error policy, epochs, and the state that resumes them. Subclasses turn the records
-    into rows (`convert` gives them the records as formats.py items) and keep their own pending buffer."""
+    into rows (`convert` gives them the records as formats.py items) and keep their own pending buffer, which
+    `_load_pending` sets up (from a checkpoint's `pending` when resuming)."""
 
     def __init__(
         self,
         data: DataSpec,
+        tokenizer: Any,
         *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        split: Split,
-        state: dict[str, Any] | None,
-        chunk_size: int,
-        drop: KeySet | None,
+        seed: int = 42,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batch_size: int = 1,
+        split: Split = "train",
+        state: dict[str, Any] | None = None,
+        chunk_size: int = 64,
+        drop: KeySet | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -91,6 +94,13 @@ class MixedSources(Generic[T]):
         self._draws = state["draws"] if state else 0
         self.epoch = state["epoch"] if state else 0
         self._mix_block: tuple[int, np.ndarray] | None = None
+        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
+        self._segments = SegmentTokenizer(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._load_pending(state["pending"] if state else None)
+
+    def _load_pending(self, pending: list[Any] | None) -> None:
+        raise NotImplementedError
 
     def _state(self, pending: list[Any]) -> dict[str, Any]:
         return {
@@ -184,38 +194,15 @@ class InstructionStream(MixedSources[Conversation]):
     records) skips records by key and counts them as `filtered`; the same records go to the same ranks.
     """
 
-    def __init__(
-        self,
-        data: DataSpec,
-        tokenizer: Any,
-        *,
-        seed: int = 42,
-        rank: int = 0,
-        world_size: int = 1,
-        micro_batch_size: int = 1,
-        split: Split = "train",
-        state: dict[str, Any] | None = None,
-        chunk_size: int = 64,
-        drop: KeySet | None = None,
-    ):
-        super().__init__(
-            data,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            split=split,
-            state=state,
-            chunk_size=chunk_size,
-            drop=drop,
-        )
-        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
-        self._segments = SegmentTokenizer(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _load_pending(self, pending: list[Any] | None) -> None:
+        data = self.data
         self._rows = (
-            BestFitPacker(data.max_seq_len, data.pack_buffer) if data.packing else FifoRows(micro_batch_size)
+            BestFitPacker(data.max_seq_len, data.pack_buffer)
+            if data.packing
+            else FifoRows(self.micro_batch_size)
         )
-        if state:
-            self._rows.load(state["pending"])
+        if pending is not None:
+            self._rows.load(pending)
 
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
