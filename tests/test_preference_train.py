@@ -7,14 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.config import REPO
-from tests.test_train import _kill_a_worker_after_first_checkpoint, _mk, _settings, _trace, ray_local  # noqa: F401
+from tests.test_train import _settings, clean_and_killed_runs, ray_local  # noqa: F401
 from tests.test_train import _spec as train_spec
 from tuneplane.devtools.synth_prefs import CURT, POLITE
 from tuneplane.spec import TuningSpec
@@ -69,20 +68,7 @@ def test_dpo_under_zero3_resumes_after_a_killed_worker_without_repeating_a_pair(
         "eval.gate": None,
     }
     spec = _spec(tiny_dir, **copy.deepcopy(overrides))
-    clean = run(
-        spec, _settings(tmp_path / "clean", "clean", example_log_dir=str(_mk(tmp_path / "trace-clean")))
-    )
-
-    killed: list[int] = []
-    storage = tmp_path / "faulty" / "runs"
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, "faulty", killed))
-    killer.start()
-    faulty = run(
-        spec, _settings(tmp_path / "faulty", "faulty", example_log_dir=str(_mk(tmp_path / "trace-faulty")))
-    )
-    killer.join()
-    assert killed, "no worker was killed"
-    clean_trace, faulty_trace = _trace(tmp_path / "trace-clean"), _trace(tmp_path / "trace-faulty")
+    clean, faulty, clean_trace, faulty_trace = clean_and_killed_runs(spec, tmp_path)
     assert faulty_trace == clean_trace  # the same pairs at every step, after the resume too
     flat = [k for keys in faulty_trace.values() for k in keys]
     assert len(flat) == 2 * len(set(flat))  # each pair's key twice (its two sides), no pair seen again

@@ -18,7 +18,7 @@ import yaml
 
 from tests.support.config import REPO
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
-from tuneplane.train import RunSettings, TrainingFailed, run
+from tuneplane.train import RunResult, RunSettings, TrainingFailed, run
 
 pytestmark = pytest.mark.slow
 
@@ -327,6 +327,26 @@ def _trace(folder: Path) -> dict[int, list[str]]:
     return {s: sorted(k for trace in per_rank.values() for k in trace.get(s, [])) for s in steps}
 
 
+def clean_and_killed_runs(
+    spec: TuningSpec, tmp_path: Path
+) -> tuple[RunResult, RunResult, dict[int, list[str]], dict[int, list[str]]]:
+    """The job run twice, the second time with a worker killed after its first checkpoint: both results and
+    which records each step trained on in each run."""
+    clean = run(
+        spec, _settings(tmp_path / "clean", "clean", example_log_dir=str(_mk(tmp_path / "trace-clean")))
+    )
+    killed: list[int] = []
+    storage = tmp_path / "faulty" / "runs"
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, "faulty", killed))
+    killer.start()
+    faulty = run(
+        spec, _settings(tmp_path / "faulty", "faulty", example_log_dir=str(_mk(tmp_path / "trace-faulty")))
+    )
+    killer.join()
+    assert killed, "no worker was killed"
+    return clean, faulty, _trace(tmp_path / "trace-clean"), _trace(tmp_path / "trace-faulty")
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint_without_repeating_data(
     ray_local, tiny_dir, tmp_path
 ) -> None:
@@ -337,23 +357,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_without_repeating_data(
         "checkpointing.every_n_steps": 10,
         "distributed.max_failures": 2,
     }
-    spec = _spec(tiny_dir, **overrides)
-    clean = run(
-        spec, _settings(tmp_path / "clean", "clean", example_log_dir=str(_mk(tmp_path / "trace-clean")))
-    )
-
-    killed: list[int] = []
-    storage = tmp_path / "faulty" / "runs"
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(storage, "faulty", killed))
-    killer.start()
-    faulty = run(
-        spec, _settings(tmp_path / "faulty", "faulty", example_log_dir=str(_mk(tmp_path / "trace-faulty")))
-    )
-    killer.join()
-    assert killed, "no worker was killed"
+    clean, faulty, clean_trace, faulty_trace = clean_and_killed_runs(_spec(tiny_dir, **overrides), tmp_path)
     assert faulty.metrics["step"] == 40
-
-    clean_trace, faulty_trace = _trace(tmp_path / "trace-clean"), _trace(tmp_path / "trace-faulty")
     assert faulty_trace == clean_trace  # the same examples at every step, after the resume too
     flat = [k for keys in faulty_trace.values() for k in keys]
     assert len(flat) == len(set(flat))  # no example seen twice (one epoch is not exhausted in 40 steps)
