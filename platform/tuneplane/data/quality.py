@@ -206,13 +206,18 @@ class DataFilter:
         return {"dropped": len(self.drop), **self.figures}
 
 
+def filtering(data: DataSpec) -> bool:
+    """Whether training drops records (`data.dedup` or `data.decontaminate`): the driver then reads them all."""
+    return data.dedup != "off" or data.decontaminate
+
+
 def build_filter(spec: TuningSpec, seed: int) -> DataFilter:
     """Read every record of the spec's eval sets and training sources (no tokenization) and decide, per
     `data.dedup` and `data.decontaminate`, which training records to drop. Records a `holdout_fraction` sets
     aside count too (they are records of training sources). Bad records are skipped (the stream reports them);
     a source that cannot be listed raises DataError."""
     data = spec.data
-    if data.dedup == "off" and not data.decontaminate:
+    if not filtering(data):
         return DataFilter(
             KeySet(), {"records": 0, "exact_duplicates": 0, "near_duplicates": 0, "contaminated": 0}
         )

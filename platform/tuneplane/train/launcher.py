@@ -218,11 +218,15 @@ def _sigterm_handler(on_kill: Callable[[], None]) -> Callable[[int, FrameType | 
 
 
 def _data_report(spec: TuningSpec) -> dict[str, Any]:
-    """A sampled preflight of the spec's data (what `tuneplane validate` shows), for the run's record."""
+    """A sampled preflight of the spec's data (what `tuneplane validate` shows), for the run's record. When the
+    data filter runs it reads every record and its figures go to the run (data/quality.json), so the sample's
+    own duplicate and contamination pass would only repeat part of that work."""
     from tuneplane.data import preflight
+    from tuneplane.data.quality import filtering
     from tuneplane.pretrained import load_tokenizer
 
-    return preflight(spec, load_tokenizer(spec.model), max_records=2000, samples=0).to_dict()
+    quality = not filtering(spec.data)
+    return preflight(spec, load_tokenizer(spec.model), max_records=2000, samples=0, quality=quality).to_dict()
 
 
 def _data_filter(spec: TuningSpec) -> DataFilter:
