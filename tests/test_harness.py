@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuneplane.data.eval_tasks import stage
 from tuneplane.errors import DataError, SpecError
 from tuneplane.spec import parse_spec
-from tuneplane.train.harness import run_lm_eval, scores, stage_tasks
+from tuneplane.train.harness import run_lm_eval, scores
 
 pytest.importorskip("lm_eval")
 
@@ -99,27 +100,11 @@ def test_tasks_folder_from_object_storage_has_its_data_paths_made_local(s3_bucke
     fs, bucket = s3_bucket
     fs.put(str(TASKS), f"{bucket}/evals/", recursive=True)
     remote = f"{bucket}/evals/{TASKS.name}"
-    staged = stage_tasks(remote, tmp_path / "staged")
+    staged = stage(remote, tmp_path / "staged")
     config = yaml.safe_load((staged / "tiny_parity.yaml").read_text())
     data = Path(config["dataset_kwargs"]["data_files"]["test"])
     assert data.is_absolute() and data.read_text() == (TASKS / "parity.jsonl").read_text()
     assert config["doc_to_choice"] == ["even", "odd"]  # the rest of the task as written
-
-
-def test_staging_keeps_lm_eval_function_tags(tmp_path: Path) -> None:
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    src = tmp_path / "tasks"
-    src.mkdir()
-    (src / "utils.py").write_text("def process_docs(docs):\n    return docs\n")
-    (src / "t.yaml").write_text(
-        "task: t\ndataset_path: csv\ndataset_kwargs:\n  data_files: [d/a.csv, /abs/b.csv]\n"
-        "process_docs: !function utils.process_docs\n"
-    )
-    staged = stage_tasks(str(src), tmp_path / "out")
-    config = load_yaml(staged / "t.yaml")  # as lm-eval reads it: the tag still names the shipped function
-    assert config["process_docs"].__name__ == "process_docs"
-    assert config["dataset_kwargs"]["data_files"] == [str(staged / "d" / "a.csv"), "/abs/b.csv"]
 
 
 def test_unknown_task_names_the_field(tiny_dir: Path) -> None:
@@ -133,7 +118,7 @@ def test_unknown_task_names_the_field(tiny_dir: Path) -> None:
 def test_hub_datasets_and_empty_folders_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "h.yaml").write_text("task: h\ndataset_path: Rowan/hellaswag\n")
-    with pytest.raises(DataError, match=r"h\.yaml.*only local files"):
+    with pytest.raises(SpecError, match=r"h\.yaml: dataset_path: 'Rowan/hellaswag': only local files"):
         run_lm_eval(_spec(tiny_dir, tasks_dir=str(tmp_path / "hub"), tasks=("h",)), None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no task files"):

@@ -16,6 +16,7 @@ from typing import Any
 from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, NotFound, SpecError
+from tuneplane.files import Confinement, confined_to
 from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
 from tuneplane.spec import (
     TuningSpec,
@@ -87,7 +88,10 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
     if spec.model.adapter and registered_team(spec.model.adapter) != team.name:
         # A team builds on its own registered versions only (`<team>.<name>`): never reads another's weights.
         problems.append(("model.adapter", f"{spec.model.adapter} is not a model of team {team.name}"))
-    return problems + _location_problems(spec, team, config) + memory_problems(spec, team, config)
+    locations = _location_problems(spec, team, config)
+    if not locations and config.backend == "local":  # a local tasks folder is small: read it at submit
+        problems += tasks_problems(spec, team, config, local=True)
+    return problems + locations + memory_problems(spec, team, config)
 
 
 def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
@@ -118,14 +122,28 @@ def not_readable(location: str) -> str:
     return f"{location}: no readable data here (missing, or outside this team's data roots)"
 
 
+def team_confinement(team: Team, config: PlatformConfig) -> Confinement:
+    """Where a team's local files may lie: its data roots, never the platform's own state folder (tokens, other
+    teams' jobs and artifacts). The API checks with it; the local backend hands it to the team's jobs."""
+    return Confinement.of(config.readable_roots(team), [config.home])
+
+
 def readable(path: str, team: Team, config: PlatformConfig) -> bool:
-    """Whether a local path, resolved (symlinks, '..', '~'), lies inside one of the team's data roots and
-    outside the platform's own state folder (tokens, other teams' jobs and artifacts)."""
-    real = Path(os.path.realpath(os.path.expanduser(path)))
-    home = Path(os.path.realpath(config.home))
-    if real == home or home in real.parents:
-        return False
-    return any(real == root or root in real.parents for root in config.readable_roots(team))
+    """Whether a local path, resolved now (symlinks, '..', '~'), lies where the team may read: an early answer
+    for messages; every open checks again on its descriptor (`tuneplane.files`)."""
+    return team_confinement(team, config).allows(Path(os.path.realpath(os.path.expanduser(path))))
+
+
+def tasks_problems(spec: TuningSpec, team: Team, config: PlatformConfig, local: bool) -> Problems:
+    """What the lm-eval task files of `spec` say that no job may run (code, files outside the folder), for a
+    local tasks folder (`local`) or one in object storage (not `local`), read as the team."""
+    from tuneplane.data import eval_tasks
+
+    lm_eval = spec.eval.lm_eval
+    if lm_eval is None or is_local_path(lm_eval.tasks_dir) != local:
+        return []
+    with confined_to(team_confinement(team, config)):
+        return eval_tasks.problems(lm_eval.tasks_dir)
 
 
 def _static_prefix(location: str) -> str:
@@ -175,7 +193,7 @@ def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConf
             continue
         if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):
             problems.append((field, not_readable(location)))
-    return problems
+    return problems + tasks_problems(spec, team, config, local=False)
 
 
 def memory_check(spec: TuningSpec, team: Team, config: PlatformConfig) -> MemoryCheck:

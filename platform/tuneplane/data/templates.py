@@ -153,8 +153,8 @@ def _render_chat_template(conv: Conversation, tokenizer: Any) -> list[Segment]:
     for i, message in enumerate(conv.messages):
         if message.role != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        prompt = _apply_chat_template(tokenizer, msgs[:i], add_generation_prompt=True)
+        full = _apply_chat_template(tokenizer, msgs[: i + 1])
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise FormatError(
                 "the tokenizer's chat template is not prefix-stable; choose a built-in template"
@@ -178,6 +178,18 @@ def _render_chat_template(conv: Conversation, tokenizer: Any) -> list[Segment]:
         ]
         done = full
     return [s for s in out if s.text]
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    """The tokenizer's chat template rendered: a team's own Jinja, which transformers renders in Jinja's
+    immutable sandbox (tested); a template that fails or reaches for Python's internals is a bad record."""
+    import jinja2
+
+    try:
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except jinja2.TemplateError as exc:
+        raise FormatError(f"the tokenizer's chat template failed: {type(exc).__name__}: {exc}") from None
+    return text
 
 
 _RENDERERS = {

@@ -43,6 +43,7 @@ from tuneplane.spec.run import (
     effective_zero_stage,
 )
 from tuneplane.spec.tuning import (
+    BoundedYamlLoader,
     TuningSpec,
     json_schema,
     load_spec,
@@ -59,6 +60,7 @@ __all__ = [
     "MAX_TEXT",
     "MAX_URI",
     "SPEC_VERSION",
+    "BoundedYamlLoader",
     "CheckpointSpec",
     "DataSpec",
     "DistributedSpec",

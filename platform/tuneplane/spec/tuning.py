@@ -176,7 +176,7 @@ def load_spec(path: str | Path) -> TuningSpec:
     return parse_spec_text(text, source=str(path), base_dir=path.resolve().parent)
 
 
-class _SpecLoader(yaml.SafeLoader):
+class BoundedYamlLoader(yaml.SafeLoader):
     """YAML with its aliases bounded: `*name` repeats a node without copying it, so a few lines can stand for
     billions of nodes (the "billion laughs") that every later walk of the document would visit. A spec may
     repeat at most MAX_ALIASED_NODES nodes through aliases (its own templates, say, are a few dozen)."""
@@ -213,7 +213,9 @@ class _SpecLoader(yaml.SafeLoader):
 
 def parse_spec_text(text: str, source: str = "<spec>", base_dir: Path | None = None) -> TuningSpec:
     try:
-        data = json.loads(text) if text.lstrip().startswith("{") else yaml.load(text, Loader=_SpecLoader)
+        data = (
+            json.loads(text) if text.lstrip().startswith("{") else yaml.load(text, Loader=BoundedYamlLoader)
+        )
     except json.JSONDecodeError as exc:
         raise SpecError([("", f"line {exc.lineno}: invalid JSON: {exc.msg}")], source) from None
     except RecursionError:

@@ -2,10 +2,12 @@
 after training on the base model and on the tuned one.
 
 Tasks are lm-eval YAML files in `eval.lm_eval.tasks_dir` (a local folder or an object-storage URI), with their
-data next to them: the folder is copied to a temporary one and each YAML's relative `dataset_kwargs.data_files`
-paths are made absolute there. Only lm-eval's own local loaders are accepted (`dataset_path: json`, `csv` or
-`parquet`): nothing is read from the model or dataset hub, which is switched off while the harness runs.
-lm-eval's built-in task definitions are not indexed: they name hub datasets.
+data next to them, checked and copied to a private folder first (`data/eval_tasks.py`: no `!function`, no
+include or data file outside the folder, only lm-eval's local loaders and built-in metrics). Nothing is read
+from the model or dataset hub, which is switched off while the harness runs; lm-eval's built-in task
+definitions are not indexed (they name hub datasets). Task templates (`doc_to_text: "{{question}}"`) render
+in Jinja's immutable sandbox: lm-eval's own environment is replaced before any task is built
+(`sandbox_templates`), and checked to be the one its templates go through.
 
 Scores come back flat: `{"<task>": main metric, "<task>/<metric>": every numeric metric}`. The main metric is
 `acc` if the task reports it, else `exact_match`, else the first numeric one it reports; a metric computed after
@@ -24,13 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-from fsspec.core import url_to_fs
+from tuneplane.data import eval_tasks
+from tuneplane.errors import SpecError
+from tuneplane.spec import TuningSpec
 
-from tuneplane.errors import DataError, SpecError, clip
-from tuneplane.spec import TuningSpec, is_local_path
-
-LOCAL_LOADERS = ("json", "csv", "parquet")  # `dataset_path` values that read files, never the hub
 MAIN_METRICS = ("acc", "exact_match")  # in order of preference; else the first numeric metric
 _FIELD = "eval.lm_eval"
 # MLflow metric names allow only these. Task names are kept as written: the gate names them (and lm-eval's are
@@ -45,8 +44,9 @@ def run_lm_eval(spec: TuningSpec, model_dir: str | None, device: str = "cpu") ->
     if config is None:
         return {}
     lm_eval, hflm, task_manager = _import_lm_eval()
+    sandbox_templates()
     with tempfile.TemporaryDirectory(prefix="tuneplane-lm-eval-") as tmp, _quiet():
-        tasks_dir = stage_tasks(config.tasks_dir, Path(tmp) / "tasks")
+        tasks_dir = eval_tasks.stage(config.tasks_dir, Path(tmp) / "tasks")
         manager = task_manager(include_path=str(tasks_dir), include_defaults=False)
         unknown = [name for name in config.tasks if name not in manager.all_tasks]
         if unknown:
@@ -102,95 +102,6 @@ def _main_metric(task: str, metrics: dict[str, float]) -> float | None:
     return metrics[prefix + names[0]] if names else None
 
 
-# -- the tasks folder -------------------------------------------------------------------------------------------
-
-
-class _Tagged:
-    """A YAML scalar with a custom tag (lm-eval's `!function utils.process_docs`), written back unchanged."""
-
-    def __init__(self, tag: str, value: str):
-        self.tag, self.value = tag, value
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> _Tagged:
-    if not isinstance(node, yaml.ScalarNode):
-        raise yaml.constructor.ConstructorError(None, None, f"tag !{suffix} on a non-scalar", node.start_mark)
-    return _Tagged(f"!{suffix}", loader.construct_scalar(node))
-
-
-_Loader.add_multi_constructor("!", _construct_tagged)
-_Dumper.add_representer(_Tagged, lambda dumper, t: dumper.represent_scalar(t.tag, t.value))
-
-
-def stage_tasks(uri: str, dest: Path) -> Path:
-    """A local copy of the tasks folder at `uri` in `dest`, each YAML's relative `data_files` made absolute."""
-    location = os.path.expanduser(uri) if is_local_path(uri) else uri
-    try:
-        fs, root = url_to_fs(location)
-        root = root.rstrip("/")
-        files = [p for p in fs.find(root) if fs.isfile(p)]
-    except (OSError, ValueError, ImportError) as exc:
-        raise DataError(
-            uri, f"cannot list the tasks folder: {clip(str(exc) or type(exc).__name__)}"
-        ) from None
-    yamls = [p for p in files if p.endswith((".yaml", ".yml"))]
-    if not yamls:
-        raise DataError(uri, "no task files (*.yaml) in the tasks folder")
-    for name in files:
-        target = dest / name[len(root) :].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(name, str(target))
-    for name in yamls:
-        relative = name[len(root) :].lstrip("/")
-        _localize(dest / relative, dest, f"{uri.rstrip('/')}/{relative}")
-    return dest
-
-
-def _localize(path: Path, root: Path, shown: str) -> None:
-    """Refuse hub datasets and remote data files; make relative `data_files` absolute under `root`."""
-    try:
-        config = yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader that keeps tags
-    except yaml.YAMLError as exc:
-        raise DataError(shown, f"not valid YAML: {clip(str(exc))}") from None
-    if not isinstance(config, dict):
-        return  # not a task; lm-eval ignores it too
-    loader = config.get("dataset_path")
-    if loader is not None and loader not in LOCAL_LOADERS:
-        raise DataError(
-            shown,
-            f"dataset_path {loader!r}: only local files are read here (dataset_path: "
-            f"{', '.join(LOCAL_LOADERS)}, with dataset_kwargs.data_files next to the YAML); the hub is not reachable",
-        )
-    kwargs = config.get("dataset_kwargs")
-    if not isinstance(kwargs, dict) or "data_files" not in kwargs:
-        return
-    kwargs["data_files"] = _absolute(kwargs["data_files"], root, shown)
-    path.write_text(yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-
-
-def _absolute(files: Any, root: Path, shown: str) -> Any:
-    """`data_files` (a path, a list, or a split -> path(s) mapping) with relative paths under `root`."""
-    if isinstance(files, dict):
-        return {split: _absolute(value, root, shown) for split, value in files.items()}
-    if isinstance(files, list):
-        return [_absolute(value, root, shown) for value in files]
-    if not isinstance(files, str):
-        raise DataError(shown, f"dataset_kwargs.data_files: expected a path, got {type(files).__name__}")
-    if not is_local_path(files):
-        raise DataError(
-            shown, f"data_files {files!r}: put the data in the tasks folder and name it relatively"
-        )
-    return files if os.path.isabs(files) else str(root / files)
-
-
 # -- the model --------------------------------------------------------------------------------------------------
 
 
@@ -243,6 +154,31 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
             ]
         ) from None
     return lm_eval, HFLM, TaskManager
+
+
+def sandbox_templates() -> None:
+    """Render lm-eval's task templates in Jinja's ImmutableSandboxedEnvironment (no attribute of Python
+    internals, no mutation, bounded ranges), with lm-eval's own settings and filters. lm-eval renders through
+    the module-level `lm_eval.utils.env`; replaced here, then checked with a template that only the sandbox
+    refuses, so an lm-eval that stops using that environment fails loudly instead of running unsandboxed."""
+    import jinja2
+    import lm_eval.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    current = lm_eval.utils.env
+    if not isinstance(current, ImmutableSandboxedEnvironment):
+        sandboxed = ImmutableSandboxedEnvironment(
+            loader=jinja2.BaseLoader(),
+            undefined=current.undefined,
+            keep_trailing_newline=current.keep_trailing_newline,
+        )
+        sandboxed.filters.update({k: v for k, v in current.filters.items() if k not in sandboxed.filters})
+        lm_eval.utils.env = sandboxed
+    try:
+        lm_eval.utils.apply_template("{{ cycler.__init__.__globals__ }}", {})
+    except jinja2.exceptions.SecurityError:
+        return
+    raise RuntimeError("lm-eval renders task templates outside Jinja's sandbox; refusing to run its tasks")
 
 
 _ENV = {

@@ -1,0 +1,204 @@
+"""Opening a local file a team named: a regular file, inside the team's roots, never blocking.
+
+Check at open, not before. A path checked first and opened later can be swapped for a symlink in between, so a
+file is opened first (`O_NONBLOCK`: a FIFO or a device never holds the caller; `O_NOCTTY`), then the open
+descriptor itself is asked what it is (`fstat`: a regular file) and where it really lies (`/proc/self/fd/N`,
+with every symlink and `..` already resolved by the kernel), and everything is read through that descriptor.
+A folder (a model, a tokenizer) is *pinned* the same way: each file opened and checked, and the loader given a
+private view whose entries lead to those open descriptors (`/proc/<pid>/fd/N` reopens the very file that was
+checked, whatever its name points to by then).
+
+Which roots apply is the process's or the context's: a job process is confined once, from what its backend gave
+it (`confine_process`); the API confines each check to the calling team (`confined_to`). With no confinement a
+file must still be a regular file, but may lie anywhere (a developer's own `tuneplane run`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import fnmatch
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+# Environment variables through which a backend hands a job process its confinement (os.pathsep-separated).
+ROOTS_ENV = "TUNEPLANE_READ_ROOTS"
+DENIED_ENV = "TUNEPLANE_DENIED_ROOTS"
+
+
+class NotAllowed(PermissionError):
+    """A local file the caller may not read: outside its roots, inside a denied folder, or not a regular file.
+    One message for all of these and for a missing file outside the roots, so a refusal tells nothing about
+    what exists on the host."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(
+            errno.EACCES, "no readable file here (missing, not a regular file, or outside the data roots)"
+        )
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Folders whose files may be read (`roots`), and folders inside them that may not (`denied`); all real
+    paths (symlinks resolved)."""
+
+    roots: tuple[Path, ...]
+    denied: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(
+        cls, roots: Sequence[str | os.PathLike[str]], denied: Sequence[str | os.PathLike[str]] = ()
+    ) -> Confinement:
+        return cls(tuple(map(_real, roots)), tuple(map(_real, denied)))
+
+    def allows(self, real: Path) -> bool:
+        """The one rule: `real` (a resolved path) lies inside a root and outside every denied folder."""
+        if any(real == d or d in real.parents for d in self.denied):
+            return False
+        return any(real == r or r in real.parents for r in self.roots)
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            ROOTS_ENV: os.pathsep.join(map(str, self.roots)),
+            DENIED_ENV: os.pathsep.join(map(str, self.denied)),
+        }
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Confinement | None:
+        env = dict(os.environ) if env is None else env
+        if ROOTS_ENV not in env:
+            return None
+        split = lambda key: [p for p in env.get(key, "").split(os.pathsep) if p]  # noqa: E731
+        return cls.of(split(ROOTS_ENV), split(DENIED_ENV))
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+_PROCESS: Confinement | None = None
+_CONTEXT: contextvars.ContextVar[Confinement | None] = contextvars.ContextVar(
+    "tuneplane_confinement", default=None
+)
+
+
+def confine_process(confinement: Confinement | None) -> None:
+    """Confine every later open of this process (a job's driver or worker) that no context overrides."""
+    global _PROCESS
+    _PROCESS = confinement
+
+
+@contextlib.contextmanager
+def confined_to(confinement: Confinement | None) -> Iterator[None]:
+    """Confine the opens made in this context (this thread, or a task and what it copies its context to)."""
+    token = _CONTEXT.set(confinement)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current() -> Confinement | None:
+    return _CONTEXT.get() or _PROCESS
+
+
+def may_read(path: str | os.PathLike[str]) -> bool:
+    """Whether `path`, resolved now, lies where the current confinement allows (True with none). An early
+    answer for messages and listings; the open itself (`open_local`) is what enforces it."""
+    found = current()
+    return found is None or found.allows(_real(path))
+
+
+_HAS_PROC = os.path.isdir("/proc/self/fd")
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_fd(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of the regular file at `path`, checked where it really lies (see the module doc).
+    NotAllowed when the current confinement refuses it, FileNotFoundError for a missing file inside it."""
+    try:
+        fd = os.open(os.path.expanduser(path), _OPEN_FLAGS)
+    except FileNotFoundError:
+        if not may_read(path):
+            raise NotAllowed(path) from None
+        raise
+    except OSError as exc:  # a dangling symlink loop, a folder opened as a file...
+        raise NotAllowed(path) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAllowed(path)
+        found = current()
+        if found is not None and not found.allows(_fd_path(fd, path)):
+            raise NotAllowed(path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_local(path: str | os.PathLike[str]) -> BinaryIO:
+    """`open_fd` as a buffered binary file object."""
+    return os.fdopen(open_fd(path), "rb")
+
+
+def _fd_path(fd: int, shown: str | os.PathLike[str]) -> Path:
+    """Where the open file `fd` really lies. Linux names it in /proc; elsewhere the path is resolved and
+    accepted only if it still is the same file (device and inode) as the descriptor."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        real = _real(shown)
+        try:
+            same = os.path.samestat(os.stat(real), os.fstat(fd))
+        except OSError:
+            same = False
+        if not same:
+            raise NotAllowed(shown) from None
+        return real
+
+
+@contextlib.contextmanager
+def pinned_folder(folder: str | os.PathLike[str], patterns: Sequence[str] = ("*",)) -> Iterator[Path]:
+    """A private view of the local `folder` for a loader that opens files by name (transformers, PEFT): each
+    file whose name matches `patterns` is opened and checked (`open_fd`), and the view holds one symlink per
+    file to its open descriptor. A file swapped after the check changes nothing in what the loader reads; a
+    symlink out of the roots, a FIFO or a device in the folder is refused (NotAllowed). Subfolders are walked
+    without following symlinked ones. The descriptors stay open until the block ends."""
+    top = Path(os.path.expanduser(folder))
+    if not may_read(top):
+        raise NotAllowed(top)
+    if not top.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(top))
+    fds: list[int] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="tuneplane-pinned-") as view:
+            for dirpath, _, names in os.walk(top, followlinks=False):
+                for name in names:
+                    if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+                        continue
+                    source = Path(dirpath) / name
+                    fd = open_fd(source)
+                    fds.append(fd)
+                    entry = Path(view) / source.relative_to(top)
+                    entry.parent.mkdir(parents=True, exist_ok=True)
+                    if _HAS_PROC:
+                        entry.symlink_to(f"/proc/{os.getpid()}/fd/{fd}")
+                    else:  # no /proc to name the descriptor: copy what it reads
+                        with open(entry, "wb") as out, os.fdopen(os.dup(fd), "rb") as src:
+                            shutil.copyfileobj(src, out)
+            yield Path(view)
+    finally:
+        for fd in fds:
+            os.close(fd)
