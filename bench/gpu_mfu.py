@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tuneplane.raylocal import use_loopback
 from tuneplane.spec import parse_spec
 from tuneplane.train import RunSettings, run
 
@@ -100,6 +101,7 @@ def measure(
 
 
 def main() -> None:
+    use_loopback()  # the Ray this bench starts listens on 127.0.0.1 only, with a token
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

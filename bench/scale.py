@@ -47,6 +47,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from tuneplane.devtools.cluster import LoopbackCluster
+from tuneplane.raylocal import use_loopback
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,6 +321,7 @@ def print_table(
 
 
 def main() -> None:
+    use_loopback()  # the Ray this bench starts listens on 127.0.0.1 only, with a token
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

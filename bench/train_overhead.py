@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from tuneplane.raylocal import use_loopback
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def state_bytes_per_rank(spec: TuningSpec, work: Path) -> float:
 
 
 def main() -> None:
+    use_loopback()  # the Ray this bench starts listens on 127.0.0.1 only, with a token
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

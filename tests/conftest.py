@@ -17,9 +17,11 @@ import pytest
 
 from tests.support.config import PG_ADMIN_URL, free_port
 from tests.support.live import Server, serve
+from tuneplane.raylocal import use_loopback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a hub id fails at once instead of retrying
+use_loopback()  # every Ray a test starts listens on 127.0.0.1 only, with a token (before any `import ray`)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -137,6 +139,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.execute(text("DROP TABLE IF EXISTS job_events, attempts, jobs, alembic_version CASCADE"))
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> dict[str, Path]:
+    """Two teams' data folders, and in alpha's a symlinked file and a symlinked folder into beta's."""
+    from tests.support.tenants import make_tenants
+
+    return make_tenants(tmp_path)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ Submit -> SUCCEEDED -> adapter listed in the registry, with the API killed and r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -101,6 +102,24 @@ def _ray_daemons() -> set[int]:
     return found
 
 
+def _assert_fenced(pgid: int, ray_pids: set[int], record: dict) -> None:
+    """A running local job (issue #20): its environment is the allow-list (nothing of the API's own), its Ray
+    asks for a token of its own that no record shows, and every socket its processes listen on is loopback."""
+    environ = psutil.Process(pgid).environ()  # the job's runner: what the backend gave the job
+    assert "TUNEPLANE_TEST_API_SECRET" not in environ and "TUNEPLANE_CONFIG" not in environ
+    assert environ["RAY_AUTH_MODE"] == "token" and len(environ["RAY_AUTH_TOKEN"]) == 64
+    assert environ["RAY_AUTH_TOKEN"] not in str(record)
+    members = {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid} | ray_pids
+    assert ray_pids, "no Ray daemon of the job found"
+    listening = set()
+    for pid in members:
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.add(conn.laddr.ip)
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
 def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
     server: Server, tmp_path: Path, tiny_dir: Path
 ) -> None:
@@ -113,10 +132,11 @@ def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
         deadline = time.monotonic() + 240
         while (client.metrics(job_id).get("step") or 0) < 4 and time.monotonic() < deadline:
             time.sleep(1)
+        pgid = int((tmp_path / "jobs" / job_id / "pid").read_text())
+        _assert_fenced(pgid, _ray_daemons() - before, client.job(job_id))
         assert client.cancel(job_id)["cancel_requested"]
         final = client.wait(job_id, poll_s=1, timeout_s=120)
         assert final["state"] == "CANCELLED"
-    pgid = int((tmp_path / "jobs" / job_id / "pid").read_text())
     deadline = time.monotonic() + 60
     while _running_in_group(pgid) and time.monotonic() < deadline:
         time.sleep(1)

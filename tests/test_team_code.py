@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_hostile import ALPHA, confined_config, spec_reading, tenants  # noqa: F401 - fixture
+from tests.support.tenants import ALPHA, confined_config, spec_reading
 from tuneplane.api import create_app
 from tuneplane.data import eval_tasks
 from tuneplane.errors import SpecError
@@ -212,7 +212,7 @@ def test_function_tags_never_import_the_teams_module(tmp_path: Path, tiny_dir: P
 
 
 def test_submit_and_validate_refuse_code_in_task_files_naming_file_and_key(
-    tenants: dict[str, Path],  # noqa: F811 - the fixture
+    tenants: dict[str, Path],
 ) -> None:
     folder = _folder(
         tenants["alpha"], **{"evil.yaml": _task() + "process_docs: !function utils.process_docs\n"}

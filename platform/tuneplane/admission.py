@@ -16,7 +16,7 @@ from typing import Any
 from tuneplane.backends.kuberay_pods import node_fit_problems
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, NotFound, SpecError
-from tuneplane.files import Confinement, confined_to
+from tuneplane.files import confined_to, may_read, pinned_folder
 from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
 from tuneplane.spec import (
     TuningSpec,
@@ -122,16 +122,10 @@ def not_readable(location: str) -> str:
     return f"{location}: no readable data here (missing, or outside this team's data roots)"
 
 
-def team_confinement(team: Team, config: PlatformConfig) -> Confinement:
-    """Where a team's local files may lie: its data roots, never the platform's own state folder (tokens, other
-    teams' jobs and artifacts). The API checks with it; the local backend hands it to the team's jobs."""
-    return Confinement.of(config.readable_roots(team), [config.home])
-
-
 def readable(path: str, team: Team, config: PlatformConfig) -> bool:
     """Whether a local path, resolved now (symlinks, '..', '~'), lies where the team may read: an early answer
     for messages; every open checks again on its descriptor (`tuneplane.files`)."""
-    return team_confinement(team, config).allows(Path(os.path.realpath(os.path.expanduser(path))))
+    return config.confinement(team).allows_path(path)
 
 
 def tasks_problems(spec: TuningSpec, team: Team, config: PlatformConfig, local: bool) -> Problems:
@@ -142,7 +136,7 @@ def tasks_problems(spec: TuningSpec, team: Team, config: PlatformConfig, local: 
     lm_eval = spec.eval.lm_eval
     if lm_eval is None or is_local_path(lm_eval.tasks_dir) != local:
         return []
-    with confined_to(team_confinement(team, config)):
+    with confined_to(config.confinement(team)):
         return eval_tasks.problems(lm_eval.tasks_dir)
 
 
@@ -171,11 +165,16 @@ def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
 def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) -> Problems:
     """The spec's data sources and local model folder that cannot be found (object storage is listed), and
     local files a glob or symlink reaches outside the team's data roots."""
-    from tuneplane.data.records import expand
-
     team = config.team(team_name)
     if team is None:
         return [("", f"team {team_name} is not configured")]
+    with confined_to(config.confinement(team)):
+        return _reachability_problems(spec, team, config)
+
+
+def _reachability_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
+    from tuneplane.data.records import expand
+
     problems: Problems = []
     for field, source in spec.source_fields():
         try:
@@ -186,21 +185,33 @@ def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConf
         except Exception as exc:  # the storage client's own errors (credentials, network)
             problems.append((f"{field}.uri", f"{source.uri}: cannot list: {type(exc).__name__}: {exc}"))
             continue
-        if is_local_path(source.uri) and not all(readable(f, team, config) for f in files):
-            problems.append((f"{field}.uri", not_readable(source.uri)))
+        if is_local_path(source.uri) and not all(may_read(f) and os.path.isfile(f) for f in files):
+            problems.append((f"{field}.uri", not_readable(source.uri)))  # not a regular file, or outside
     for field, location, kind in _locations(spec):
         if field.endswith(".uri") or kind != "path":  # sources were expanded above
             continue
         if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):
             problems.append((field, not_readable(location)))
+        elif field.startswith("model.") and not _every_file_readable(location):
+            problems.append((field, not_readable(location)))  # e.g. a weights file symlinked out of the roots
     return problems + tasks_problems(spec, team, config, local=False)
+
+
+def _every_file_readable(folder: str) -> bool:
+    """Whether every file of a local model folder opens as a regular file inside the current confinement."""
+    try:
+        with pinned_folder(folder):
+            return True
+    except OSError:  # NotAllowed included
+        return False
 
 
 def memory_check(spec: TuningSpec, team: Team, config: PlatformConfig) -> MemoryCheck:
     """The estimate per GPU of `spec` on its pool. The model's config.json is read only where the control plane
     may read (`_may_read`); elsewhere the shape comes from the table of well-known architectures."""
     may_read = _may_read(spec.model.base, team, config)
-    return check_memory(spec, pool_gpu_memory(spec, config), may_read=may_read)
+    with confined_to(config.confinement(team)):
+        return check_memory(spec, pool_gpu_memory(spec, config), may_read=may_read)
 
 
 def _may_read(location: str, team: Team, config: PlatformConfig) -> bool:
@@ -260,16 +271,20 @@ PREFLIGHT_BUDGET_S = 30.0  # a dry run answers within this, whatever the spec as
 _LOADING = threading.Lock()  # transformers' lazy imports are not safe when two first calls race
 
 
-def preflight_report(spec: TuningSpec, max_records: int) -> dict[str, Any] | None:
-    """The data preflight `tuneplane validate` prints (needs the tokenizer; bounded by max_records), or None
-    when the tokenizer is a hub id: the control plane never reaches the internet."""
+def preflight_report(
+    spec: TuningSpec, team: Team, config: PlatformConfig, max_records: int
+) -> dict[str, Any] | None:
+    """The data preflight `tuneplane validate` prints (needs the tokenizer; bounded by max_records), read as
+    `team` (its files only), or None when the tokenizer is a hub id: the control plane never reaches the
+    internet."""
     from tuneplane.data import preflight
     from tuneplane.pretrained import load_tokenizer
 
     if model_location_kind(spec.model.tokenizer_location) == "hub":
         return None
-    with _LOADING:
-        tokenizer = load_tokenizer(spec.model)
-    return preflight(
-        spec, tokenizer, max_records=max_records, samples=1, time_budget_s=PREFLIGHT_BUDGET_S
-    ).to_dict()
+    with confined_to(config.confinement(team)):
+        with _LOADING:
+            tokenizer = load_tokenizer(spec.model)
+        return preflight(
+            spec, tokenizer, max_records=max_records, samples=1, time_budget_s=PREFLIGHT_BUDGET_S
+        ).to_dict()

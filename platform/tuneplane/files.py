@@ -38,14 +38,14 @@ class NotAllowed(PermissionError):
     One message for all of these and for a missing file outside the roots, so a refusal tells nothing about
     what exists on the host."""
 
+    REASON = "no readable file here (missing, not a regular file, or outside the data roots)"
+
     def __init__(self, path: str | os.PathLike[str]):
-        super().__init__(
-            errno.EACCES, "no readable file here (missing, not a regular file, or outside the data roots)"
-        )
+        super().__init__(errno.EACCES, self.REASON)
         self.filename = str(path)
 
     def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
+        return f"{self.filename}: {self.REASON}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ class Confinement:
         if any(real == d or d in real.parents for d in self.denied):
             return False
         return any(real == r or r in real.parents for r in self.roots)
+
+    def allows_path(self, path: str | os.PathLike[str]) -> bool:
+        """Whether `path`, resolved now, lies inside; not when it cannot be resolved (a link changing under
+        the resolution, a loop)."""
+        try:
+            return self.allows(_real(path))
+        except OSError:
+            return False
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -117,7 +125,7 @@ def may_read(path: str | os.PathLike[str]) -> bool:
     """Whether `path`, resolved now, lies where the current confinement allows (True with none). An early
     answer for messages and listings; the open itself (`open_local`) is what enforces it."""
     found = current()
-    return found is None or found.allows(_real(path))
+    return found is None or found.allows_path(path)
 
 
 _HAS_PROC = os.path.isdir("/proc/self/fd")

@@ -50,6 +50,11 @@ class Home:
         """One folder per local job: spec, pid, exit code, log."""
         return self.root / "jobs"
 
+    def team_cache(self, team: str) -> Path:
+        """A team's own cache (`TUNEPLANE_CACHE` of its local jobs): copies of checkpoints one team's job made
+        are never what another team's job loads."""
+        return self.root / "cache" / team
+
     @property
     def token(self) -> Path:
         """The local server's admin token, which the CLI finds."""

@@ -23,6 +23,7 @@ Per GPU (one data-parallel rank), for `tokens = data.max_seq_len x hyperparamete
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 import threading
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneplane.files import open_local
 from tuneplane.spec import (
     DpoMethod,
     FullMethod,
@@ -177,7 +179,8 @@ def read_model_config(location: str, budget_s: float = CONFIG_READ_BUDGET_S) -> 
         except Exception as exc:  # the storage client's own errors (credentials, network)
             found["error"] = exc
 
-    worker = threading.Thread(target=read, daemon=True)  # a hung connection must not hold the caller
+    # A hung connection must not hold the caller; the thread reads with the caller's confinement (files.py).
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(read,), daemon=True)
     worker.start()
     worker.join(budget_s)
     if worker.is_alive():
@@ -192,7 +195,7 @@ def read_model_config(location: str, budget_s: float = CONFIG_READ_BUDGET_S) -> 
 
 def _read_config_text(location: str) -> bytes:
     if model_location_kind(location) == "path":
-        with (Path(location).expanduser() / "config.json").open("rb") as fh:
+        with open_local(Path(location).expanduser() / "config.json") as fh:
             return fh.read(CONFIG_BYTES_MAX)
     import fsspec  # core dependency, imported only when object storage is read
 

@@ -5,17 +5,20 @@ Loading itself is always Hugging Face `from_pretrained` on a local folder, the s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import fnmatch
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
 
 from tuneplane.errors import PretrainedError, clip
+from tuneplane.files import NotAllowed, pinned_folder
 from tuneplane.home import pretrained_cache
 from tuneplane.spec import ModelSpec, is_local_path, model_location_kind
 
@@ -31,18 +34,15 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 _COMPLETE = ".tuneplane-complete"
+# One answer for a local model folder that is missing, holds a FIFO or device, or reaches outside the roots.
+NOT_A_CHECKPOINT = "no readable checkpoint folder here (missing, or a file in it is not a regular file inside the data roots)"
 
 
 def local_copy(
     uri: str, patterns: tuple[str, ...] = ("*",), cache_dir: Path | None = None, field: str = "model.base"
 ) -> Path:
-    """A local folder holding the checkpoint at `uri`. Object storage is copied once; concurrent callers on
+    """A local folder holding the checkpoint at the object-storage `uri`, copied once; concurrent callers on
     the node wait on a file lock, and a copy without its completion marker is never used."""
-    if is_local_path(uri) or uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_dir():
-            raise PretrainedError(f"{field}: {uri}: no such checkpoint folder")
-        return path
     fs, root = url_to_fs(uri)
     key = hashlib.sha256(f"{uri}|{'|'.join(patterns)}".encode()).hexdigest()[:16]
     target = (cache_dir or pretrained_cache()) / key
@@ -71,6 +71,31 @@ def local_copy(
     return target
 
 
+@contextlib.contextmanager
+def checkpoint_folder(
+    location: str, files: tuple[str, ...] = ("*",), field: str = "model.base", expect: str = "config.json"
+) -> Iterator[Path]:
+    """A local folder holding the checkpoint at a local path or URI, for a loader that opens files by name.
+    A local folder (a path or file://) is *pinned* (`tuneplane.files.pinned_folder`): only its regular files
+    inside this process's roots, exactly as they were checked, whatever is swapped in later; object storage
+    is copied to this node once. Refused, naming `field`, when the folder has no `expect` file."""
+    if is_local_path(location) or location.startswith("file://"):
+        stack = contextlib.ExitStack()
+        try:
+            view = stack.enter_context(pinned_folder(location.removeprefix("file://"), files))
+        except (NotAllowed, FileNotFoundError):
+            raise PretrainedError(f"{field}: {location}: {NOT_A_CHECKPOINT}") from None
+        with stack:
+            if not (view / expect).exists():
+                raise PretrainedError(f"{field}: no {expect} in {location}")
+            yield view
+        return
+    folder = local_copy(location, files, field=field)
+    if not (folder / expect).is_file():
+        raise PretrainedError(f"{field}: no {expect} in {location}")
+    yield folder
+
+
 def from_pretrained(
     cls: Any,
     location: str,
@@ -81,27 +106,36 @@ def from_pretrained(
     **kwargs: Any,
 ) -> Any:
     """`cls.from_pretrained` (a transformers Auto class) on a model location: the one way base models and
-    tokenizers are loaded. A hub id goes to the hub as it is; a local folder is used in place; from an
-    object-storage URI the `files` are copied to this node first. A folder without `expect` is refused with a
-    message naming the spec `field`, before transformers says something longer."""
+    tokenizers are loaded. A hub id goes to the hub as it is; a local folder or object storage through
+    `checkpoint_folder`. The loaded object keeps `location` as its name (what PEFT writes as the base)."""
     kind = model_location_kind(location)
-    if kind == "hub":
+    with contextlib.ExitStack() as stack:
         source = location
-    else:
-        folder = local_copy(location, files, field=field)
-        if not (folder / expect).is_file():
-            raise PretrainedError(f"{field}: no {expect} in {location}")
-        source, revision = str(folder), None  # a revision names a hub commit only
-    try:
-        return cls.from_pretrained(source, revision=revision, **kwargs)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise PretrainedError(
-                f"{field}: {location} is not a local path or URI, and not loadable from the hub here "
-                f"({type(exc).__name__}); mirror it to object storage and use its URI"
-            ) from None
-        reason = clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise PretrainedError(f"{field}: {location}: cannot load: {reason}") from None
+        if kind != "hub":
+            source = str(stack.enter_context(checkpoint_folder(location, files, field, expect)))
+            revision = None  # a revision names a hub commit only
+        try:
+            loaded = cls.from_pretrained(source, revision=revision, **kwargs)
+        except (OSError, ValueError) as exc:
+            if kind == "hub":
+                raise PretrainedError(
+                    f"{field}: {location} is not a local path or URI, and not loadable from the hub here "
+                    f"({type(exc).__name__}); mirror it to object storage and use its URI"
+                ) from None
+            reason = clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise PretrainedError(f"{field}: {location}: cannot load: {reason}") from None
+    _name(loaded, location)
+    return loaded
+
+
+def _name(loaded: Any, location: str) -> None:
+    """Name a model or tokenizer after where it came from, not the private folder it was read through."""
+    config = getattr(loaded, "config", None)
+    if config is not None and hasattr(config, "_name_or_path"):
+        config._name_or_path = location
+    elif hasattr(loaded, "name_or_path"):
+        with contextlib.suppress(AttributeError):
+            loaded.name_or_path = location
 
 
 def load_tokenizer(model: ModelSpec) -> Any:

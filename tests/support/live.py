@@ -55,6 +55,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tuneplane.cli", "serve", "--port", str(self.port), "--config", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT,
+            # Something only the API may know: a job must never inherit it (tests/test_e2e.py).
+            env={**os.environ, "TUNEPLANE_TEST_API_SECRET": "the API's own"},
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -235,7 +235,7 @@ def _dry_run(spec: TuningSpec, team: str, config: PlatformConfig, max_records: i
     notes = [] if memory.estimate else [f"memory estimate skipped: {memory.source}"]
     report = partial(_report, spec=spec_dict, memory=memory.to_dict())
     try:
-        data = preflight_report(spec, max_records)
+        data = preflight_report(spec, owner, config, max_records)
     except ImportError as exc:  # an API image without the training extra
         return report(True, notes=[*notes, f"data preflight skipped: {exc.name} is not installed here"])
     except Exception as exc:  # the tokenizer or data could not be read: say which

@@ -15,16 +15,35 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import yaml
 
+from tuneplane import raylocal
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError
+from tuneplane.files import Confinement
 from tuneplane.home import Home
 
+# What a job inherits from the API's environment: the basics of running Python, and the platform's object-storage
+# client settings (the local backend has one storage identity). Nothing else: the API's environment may hold its
+# database URL, config path or admin token, which no team's code may see.
+INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "VIRTUAL_ENV",
+    "OMP_NUM_THREADS",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
+INHERITED_PREFIXES = ("AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS", "FSSPEC_")
 _KILL_GRACE_S = 30  # the entrypoint marks its MLflow run KILLED within its own 20 s grace
 _WATCH_POLL_S = 1.0
 
@@ -47,19 +66,7 @@ class LocalBackend:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "spec.yaml").write_text(yaml.safe_dump(job.spec.to_dict(), sort_keys=False))
         (folder / "namespace").write_text(job.namespace)
-        env = {
-            **os.environ,
-            "TUNEPLANE_JOB_ID": job.id,
-            "TUNEPLANE_TEAM": job.team,
-            "TUNEPLANE_STORAGE_PATH": self.config.storage_path,
-            "MLFLOW_TRACKING_URI": self.config.tracking_uri,
-            "TUNEPLANE_ARTIFACT_ROOT": self.config.artifact_root,
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-            # Each local job starts its own Ray: without an address Ray would join any cluster it finds running
-            # on this machine (another job's, a developer's), where the job may never get its CPUs.
-            "RAY_ADDRESS": "local",
-        }
+        env = job_environment(self.config, job, os.environ)
         try:
             with open(folder / "train.log", "ab") as log:
                 proc = subprocess.Popen(
@@ -125,6 +132,39 @@ class LocalBackend:
                     yield from f  # whatever was written after the last read
                     return
                 time.sleep(0.5)
+
+
+def job_environment(config: PlatformConfig, job: BackendJob, inherited: Mapping[str, str]) -> dict[str, str]:
+    """The whole environment of a local job: an allow-list of `inherited` (INHERITED_ENV) plus what the
+    platform sets for this job (identity, storage, tracking, the team's file confinement, a per-team cache)."""
+    home = Home(config.home)
+    team = config.team(job.team)
+    # A job of a team the config no longer has may read nothing local.
+    confinement = config.confinement(team) if team is not None else Confinement(())
+    passed = {
+        key: value
+        for key, value in inherited.items()
+        if key in INHERITED_ENV or key.startswith(INHERITED_PREFIXES)
+    }
+    return (
+        passed
+        | confinement.to_env()
+        | raylocal.job_env()
+        | {
+            "TUNEPLANE_HOME": str(home.root),
+            "TUNEPLANE_CACHE": str(home.team_cache(job.team)),
+            "TUNEPLANE_JOB_ID": job.id,
+            "TUNEPLANE_TEAM": job.team,
+            "TUNEPLANE_STORAGE_PATH": config.storage_path,
+            "MLFLOW_TRACKING_URI": config.tracking_uri,
+            "TUNEPLANE_ARTIFACT_ROOT": config.artifact_root,
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            # Each local job starts its own Ray: without an address Ray would join any cluster it finds running
+            # on this machine (another job's, a developer's), where the job may never get its CPUs.
+            "RAY_ADDRESS": "local",
+        }
+    )
 
 
 def _status(folder: Path) -> RunStatus:

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tuneplane.config._strict import Strict
 from tuneplane.config.kuberay import KubeRayBackend
 from tuneplane.errors import ConfigError
+from tuneplane.files import Confinement
 from tuneplane.home import DEFAULT_HOME, Home, default_home
 from tuneplane.quantity import check_quantity, quantity_bytes
 
@@ -216,6 +217,12 @@ class PlatformConfig(Strict):
         """The local folders a team's specs may read, resolved (symlinks, '~', '..')."""
         shared = self.data_roots if self.data_roots is not None else [Path.home(), Path.cwd()]
         return [Path(os.path.realpath(root.expanduser())) for root in [*shared, *team.data_roots]]
+
+    def confinement(self, team: Team) -> Confinement:
+        """Where a team's local files may lie: its data roots, never the platform's own state folder (tokens,
+        other teams' jobs and artifacts). The API checks with it; the local backend hands it to the team's
+        jobs, whose every open checks it on the descriptor (`tuneplane.files`)."""
+        return Confinement.of(self.readable_roots(team), [self.home])
 
     def token_entries(self) -> list[TokenEntry]:
         """`auth.tokens` plus the tokens file as it is now (ConfigError when that file is malformed)."""

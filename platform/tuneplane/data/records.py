@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from tuneplane.errors import DataError
+from tuneplane.files import NotAllowed, open_local
 
 # s3fs re-reads a block per readline on a raw binary file; a large block plus a BufferedReader streams at
 # full speed (see shared stack notes). Peak memory per open file is a few blocks.
@@ -107,9 +109,18 @@ class _Read1Adapter(io.RawIOBase):
         super().close()
 
 
-def _open_text_stream(uri: str, kind: str) -> io.BufferedReader:
+def open_binary(uri: str) -> Any:
+    """A file of a source opened for reading: a local one through `tuneplane.files` (a regular file inside the
+    roots this process or request is confined to, checked on the open descriptor, never blocking), object
+    storage through its fsspec filesystem with large blocks."""
     fs, path = url_to_fs(uri)
-    raw = fs.open(path, "rb", block_size=READ_BLOCK_SIZE)
+    if isinstance(fs, LocalFileSystem):
+        return open_local(path)
+    return fs.open(path, "rb", block_size=READ_BLOCK_SIZE)
+
+
+def _open_text_stream(uri: str, kind: str) -> io.BufferedReader:
+    raw = open_binary(uri)
     stream: Any = raw
     if kind == "jsonl.gz":
         stream = _Read1Adapter(gzip.GzipFile(fileobj=raw, mode="rb"))
@@ -179,6 +190,8 @@ def _read_jsonl(uri: str, kind: str, start_line: int) -> Iterator[RawRecord]:
         raise DataError(uri, f"compressed stream is truncated or corrupt ({exc})", line_no + 1) from None
     except FileNotFoundError:
         raise DataError(uri, "file not found") from None
+    except NotAllowed:
+        raise DataError(uri, NotAllowed.REASON) from None
     except PermissionError as exc:
         raise DataError(uri, f"access denied: {exc}") from None
 
@@ -202,8 +215,7 @@ def _read_parquet(uri: str, start_line: int, required_columns: tuple[str, ...]) 
     import pyarrow.parquet as pq
 
     try:
-        fs, path = url_to_fs(uri)
-        with fs.open(path, "rb", block_size=READ_BLOCK_SIZE) as handle:
+        with open_binary(uri) as handle:
             try:
                 parquet = pq.ParquetFile(handle)
             except (pa.ArrowInvalid, OSError) as exc:
@@ -227,5 +239,7 @@ def _read_parquet(uri: str, start_line: int, required_columns: tuple[str, ...]) 
                             yield RawRecord(uri, row, item)
     except FileNotFoundError:
         raise DataError(uri, "file not found") from None
+    except NotAllowed:
+        raise DataError(uri, NotAllowed.REASON) from None
     except pa.ArrowException as exc:
         raise DataError(uri, f"Parquet read failed: {exc}") from None

@@ -31,6 +31,9 @@ class LoopbackNode:
 
 class LoopbackCluster:
     def __init__(self, root: Path, head_cpus: int = 0):
+        from tuneplane.raylocal import use_loopback
+
+        use_loopback()  # every node on 127.0.0.1 only, one token for the cluster
         from ray.cluster_utils import Cluster
 
         self.root = root

@@ -1,7 +1,8 @@
 """`python -m tuneplane.train --spec FILE`: the fixed entrypoint a RayJob or the local backend starts.
 
 Run settings come from flags or the environment the platform sets (TUNEPLANE_JOB_ID, TUNEPLANE_STORAGE_PATH,
-MLFLOW_TRACKING_URI, TUNEPLANE_ARTIFACT_ROOT, RAY_ADDRESS); never from the spec.
+MLFLOW_TRACKING_URI, TUNEPLANE_ARTIFACT_ROOT, RAY_ADDRESS, and TUNEPLANE_READ_ROOTS: the local folders the
+team's files may lie in); never from the spec.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 
 from tuneplane.errors import SpecError, TuneplaneError
+from tuneplane.files import Confinement
 from tuneplane.home import Home
+from tuneplane.raylocal import use_loopback
 from tuneplane.spec import load_spec
 from tuneplane.train.launcher import RunSettings, run
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         "--sample", default=None, help="after training, generate from the registered model once"
     )
     args = parser.parse_args(argv)
+    if args.ray_address in (None, "local"):  # this process starts its own Ray: loopback only, with a token
+        use_loopback()
     try:
         spec = load_spec(args.spec)
     except SpecError as exc:
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator_type=args.accelerator_type,
         example_log_dir=args.example_log_dir,
         team=args.team,
+        confinement=Confinement.from_env(),
     )
     try:
         result = run(spec, settings)

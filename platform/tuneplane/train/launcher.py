@@ -20,6 +20,7 @@ from typing import Any
 
 from tuneplane.data.quality import DataFilter
 from tuneplane.errors import CheckpointError, TrainingFailed
+from tuneplane.files import Confinement, confine_process
 from tuneplane.pretrained import locate_adapter
 from tuneplane.spec import DistributedSpec, TuningSpec, is_local_path
 from tuneplane.train import checkpointing
@@ -37,6 +38,7 @@ class RunSettings:
     accelerator_type: str | None = None  # from the job's GPU pool, e.g. "H100"
     example_log_dir: str | None = None  # each rank logs which records every step trained on (audits, tests)
     team: str | None = None  # the submitting team: owns the job's experiment and registered model
+    confinement: Confinement | None = None  # where the team's local files may lie; None: anywhere
 
 
 @dataclass
@@ -59,6 +61,7 @@ _GRACE_S = 20
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     from tuneplane.tracking import JobRun
 
+    confine_process(settings.confinement)  # the driver reads the team's files too (preflight, filter, tasks)
     job_run = JobRun()  # does nothing until started
     previous = signal.getsignal(signal.SIGTERM)
     # From the start: a cancel during the data preflight must end the run KILLED too.
@@ -133,7 +136,9 @@ def build_trainer(
     resources: dict[str, float] = {"CPU": dist_spec.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = dist_spec.gpus_per_worker
-    worker = WorkerSettings(run_id, settings.tracking_uri, settings.example_log_dir, drop, adapter_at)
+    worker = WorkerSettings(
+        run_id, settings.tracking_uri, settings.example_log_dir, drop, adapter_at, settings.confinement
+    )
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "settings": worker},

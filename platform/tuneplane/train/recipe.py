@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
+from tuneplane.files import Confinement, confine_process
 from tuneplane.pretrained import download_adapter, load_tokenizer
 from tuneplane.spec import DpoMethod, OrpoMethod, TuningSpec, parse_spec
 from tuneplane.tracking import JobRun
@@ -51,6 +52,7 @@ class WorkerSettings:
     example_log_dir: str | None = None
     drop: bytes | None = None  # the driver's data filter (data.dedup / data.decontaminate): keys to skip
     adapter_at: str | None = None  # where `model.adapter` lies in MLflow's artifact store (the driver looked)
+    confinement: Confinement | None = None  # where the team's local files may lie (tuneplane.files)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class RecipeState:
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: the preference recipe for DPO/ORPO, this one for the rest."""
     spec = parse_spec(config["spec"])
+    confine_process(config["settings"].confinement)  # before any file of the team is opened
     recipe_class = InstructionTuningRecipe
     if isinstance(spec.method, DpoMethod | OrpoMethod):
         from tuneplane.train.preference_recipe import PreferenceTuningRecipe
