@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from tests.support.backends import RecordingBackend
 from tests.support.config import REPO
-from tests.support.tenants import ALPHA, FAST_S, RECORD, confined_config, refused, spec_reading
+from tests.support.tenants import ALPHA, BETA, FAST_S, RECORD, confined_config, refused, spec_reading
 from tuneplane.admission import not_readable
 from tuneplane.api import create_app
 from tuneplane.reconciler import Reconciler
@@ -236,6 +236,12 @@ def test_a_team_at_quota_with_a_long_queue_blocks_no_one(tenants: dict[str, Path
     with db.session() as s:  # as if validated: only scheduling is under test
         for job in s.query(Job):
             job.state = "QUEUED"
+    # Before scheduling, beta's job is next: alpha's 201 older jobs can never start, so none is ahead of it
+    # (it once read "202nd"), and a member of beta learns nothing of them.
+    with TestClient(create_app(config, backend=RecordingBackend(), run_reconciler=False)) as api:
+        seen = api.get(f"/v1/jobs/{beta_job}", headers=BETA).json()
+        assert seen["queue_position"] == 1, seen
+        assert {j["queue_position"] for j in api.get("/v1/jobs", headers=ALPHA).json()["items"]} == {None}
     rec.schedule()
     assert list(backend.submits) == [beta_job]
     db.dispose()
@@ -307,7 +313,7 @@ def test_errors_never_echo_megabytes(api: TestClient, tenants: dict[str, Path]) 
 # -- 7. smaller ---------------------------------------------------------------------------------------------
 
 
-def test_an_over_limit_chunked_body_is_413(tenants: dict[str, Path]) -> None:
+def test_an_over_limit_body_is_413_with_the_security_headers(tenants: dict[str, Path]) -> None:
     with TestClient(
         create_app(confined_config(tenants, max_request_bytes=1000), run_reconciler=False)
     ) as api:
@@ -315,6 +321,15 @@ def test_an_over_limit_chunked_body_is_413(tenants: dict[str, Path]) -> None:
         r = api.post("/v1/jobs", content=chunks, headers={**ALPHA, "content-type": "application/json"})
         assert r.status_code == 413 and r.json()["title"] == "request too large"
         assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []
+        declared = api.post("/v1/jobs", content=b"{" + b" " * 2000 + b"}", headers=ALPHA)
+        nul = api.get("/v1/jobs?name=%00", headers=ALPHA)
+        for answer in (r, declared, nul, api.get("/openapi.json"), api.get("/v1/jobs", headers=ALPHA)):
+            assert answer.headers["content-security-policy"].startswith("default-src 'none'"), answer
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["cache-control"] == "no-store"
+        # Swagger UI and ReDoc would load scripts from a CDN: not served (the schema is).
+        assert api.get("/docs").status_code == 404 and api.get("/redoc").status_code == 404
+        assert api.get("/openapi.json").json()["info"]["title"] == "Tuneplane"
 
 
 def test_a_json_syntax_error_names_its_position_not_a_field(api: TestClient) -> None:
@@ -324,7 +339,7 @@ def test_a_json_syntax_error_names_its_position_not_a_field(api: TestClient) -> 
     assert error["field"] == "" and error["message"].startswith("invalid JSON at character")
 
 
-def test_validate_never_reaches_the_hub(api: TestClient, tenants: dict[str, Path], monkeypatch) -> None:
+def test_validate_never_reaches_the_hub(tenants: dict[str, Path], monkeypatch) -> None:
     import tuneplane.pretrained
 
     def no_network(*args, **kwargs):
@@ -332,7 +347,10 @@ def test_validate_never_reaches_the_hub(api: TestClient, tenants: dict[str, Path
 
     monkeypatch.setattr(tuneplane.pretrained, "from_pretrained", no_network)
     spec = spec_reading(str(tenants["alpha"] / "train.jsonl"), model={"base": "meta-llama/Llama-3.1-8B"})
-    answer = api.post("/v1/validate", json=spec, headers=ALPHA).json()
+    # A machine an 8B model fits on, so that only the hub is in question.
+    config = confined_config(tenants, local={"memory": "4Ti"})
+    with TestClient(create_app(config, run_reconciler=False)) as api:
+        answer = api.post("/v1/validate", json=spec, headers=ALPHA).json()
     assert answer["ok"] is True and answer["data"] is None
     assert "hub" in answer["notes"][0]
 
@@ -392,3 +410,39 @@ def test_a_dry_runs_preflight_stops_at_its_time_budget(tokenizer) -> None:
     report = preflight(spec, tokenizer, time_budget_s=0.0)
     assert report.ok and all(s.time_limited and s.stats.records == 0 for s in report.sources)
     assert preflight(spec, tokenizer, max_records=20, time_budget_s=60).sources[0].stats.records == 20
+
+
+@pytest.mark.parametrize("where", ["uri", "name", "system_prompt"])
+def test_a_nul_byte_is_refused_naming_the_field_on_every_database(
+    tenants: dict[str, Path], db_url: str, where: str
+) -> None:
+    """PostgreSQL cannot store a NUL: it once gave a 500, and a job stuck in VALIDATING for ever."""
+    spec = spec_reading(str(tenants["alpha"] / "train.jsonl"))
+    field = {"uri": "data.sources[0].uri", "name": "name", "system_prompt": "data.system_prompt"}[where]
+    if where == "uri":
+        spec["data"]["sources"][0]["uri"] += "\x00.jsonl"
+    elif where == "name":
+        spec["name"] = "tiny\x00"
+    else:
+        spec["data"]["system_prompt"] = "Be kind.\x00"
+    with TestClient(create_app(confined_config(tenants, database_url=db_url), run_reconciler=False)) as api:
+        problem = refused(api, spec, field)
+        assert "NUL" in problem["message"]
+        answer = api.post("/v1/validate", json=spec, headers=ALPHA)
+        assert answer.status_code == 200 and answer.json()["ok"] is False
+        assert field in {p["field"] for p in answer.json()["problems"]}
+        for url in ("/v1/jobs/tiny%00", "/v1/jobs?name=a%00b", "/v1/usage?team=%00", "/v1/jobs/x%00/events"):
+            assert api.get(url, headers=ALPHA).status_code in (404, 422), url
+        assert api.get("/v1/jobs", headers=ALPHA).json()["items"] == []  # nothing stored
+
+
+def test_a_cpu_job_must_fit_the_machine_it_runs_on(tenants: dict[str, Path]) -> None:
+    """A 1M-token sequence with packing once passed with a 44.5 GiB estimate on a 24 GiB machine."""
+    spec = _alpha_spec(tenants)
+    huge = {**spec, "data": {**spec["data"], "max_seq_len": 1_048_576}}
+    for config in (confined_config(tenants), confined_config(tenants, local={"memory": "4Gi"})):
+        with TestClient(create_app(config, run_reconciler=False)) as api:
+            problem = refused(api, huge, "model.activation_checkpointing")
+            assert "per worker" in problem["message"] and "usable of this machine's" in problem["message"]
+            assert "data.max_seq_len: lower it from 1048576" in problem["message"]
+            assert api.post("/v1/jobs", json=spec, headers=ALPHA).status_code == 201  # the tiny job fits

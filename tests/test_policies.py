@@ -6,7 +6,7 @@ import pytest
 
 from tuneplane.backends.base import RunPhase, RunStatus
 from tuneplane.config import Quota
-from tuneplane.policies import WAIT, Outcome, decide, fits_quota
+from tuneplane.policies import WAIT, Outcome, decide, fits_quota, queue_places
 from tuneplane.states import ACTIVE, ALLOWED, JobState
 
 S, P = JobState, RunPhase
@@ -86,3 +86,25 @@ def test_every_decision_is_a_legal_move(state, phase, cancel, overdue) -> None:
 def test_fits_quota(jobs, gpus, job_gpus, fits) -> None:
     assert fits_quota(Quota(max_concurrent_jobs=2, max_gpus=8), jobs, gpus, job_gpus) is fits
     assert fits_quota(Quota(max_concurrent_jobs=0, max_gpus=8), 0, 0, 0) is False  # a team at quota 0
+
+
+_QUOTAS = {
+    "alpha": Quota(max_concurrent_jobs=1, max_gpus=8),
+    "idle": Quota(max_concurrent_jobs=0, max_gpus=8),  # may never run a job
+    "small": Quota(max_concurrent_jobs=2, max_gpus=1),
+}
+
+
+@pytest.mark.parametrize(
+    ("queued", "places"),
+    [
+        ([], {}),
+        ([("a1", "alpha", 0), ("a2", "alpha", 2)], {"a1": 1, "a2": 2}),
+        # a quota-0 team's jobs ahead hold up no one and have no place themselves
+        ([("i1", "idle", 0), ("i2", "idle", 0), ("a1", "alpha", 0)], {"a1": 1}),
+        # a job needing more GPUs than its team may ever hold; a team no longer configured
+        ([("s1", "small", 2), ("g1", "gone", 0), ("s2", "small", 1), ("a1", "alpha", 0)], {"s2": 1, "a1": 2}),
+    ],
+)
+def test_queue_places_count_only_jobs_that_can_start(queued, places) -> None:
+    assert queue_places(queued, _QUOTAS) == places

@@ -227,7 +227,7 @@ def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Pro
     declares `gpu_memory` and the model's shape is known: an unknown model is never refused."""
     device = pool_gpu_memory(spec, config)
     if device is None:
-        return []
+        return host_memory_problems(spec, team, config)
     found = memory_check(spec, team, config).estimate
     if found is None or fits(found.total, device):
         return []
@@ -238,6 +238,27 @@ def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Pro
             field,
             f"estimated {found.summary()} per GPU, over the {gib(usable)} usable of the pool's {gib(device)} "
             f"GPUs; to fit: {'; '.join(levers)}",
+        )
+    ]
+
+
+def host_memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
+    """A CPU job on the local backend whose estimate for all its workers (one machine holds them all) does not
+    fit the machine's memory (`local.memory`), as GPU jobs are checked against one GPU of their pool."""
+    if config.backend != "local" or spec.distributed.gpus_per_worker:
+        return []
+    found = memory_check(spec, team, config).estimate
+    host, workers = config.local.memory_bytes(), spec.distributed.num_workers
+    if found is None or fits(found.total * workers, host):
+        return []
+    field, levers = _memory_levers(spec, found)
+    levers = [lever for lever in levers if not lever.startswith("distributed.num_workers")]
+    usable = int(host * (1 - HEADROOM))
+    return [
+        (
+            field,
+            f"estimated {found.summary()} per worker, {gib(found.total * workers)} for its {workers} workers, "
+            f"over the {gib(usable)} usable of this machine's {gib(host)}; to fit: {'; '.join(levers)}",
         )
     ]
 

@@ -1,12 +1,13 @@
 """What the reconciler decides, as pure functions: no database, no backend, table-tested.
 
 `decide` says what becomes of a submitted or running job given what its backend reports; `fits_quota` says
-whether a team may start one more job. The reconciler gathers the facts, calls these, and carries out the
+whether a team may start one more job; `queue_places` where each queued job stands. The reconciler gathers the facts, calls these, and carries out the
 answer (anchor: Ray Train v2's failure policy and controller).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tuneplane.backends.base import RunPhase, RunStatus
@@ -57,3 +58,15 @@ def decide(
 def fits_quota(quota: Quota, jobs: int, gpus: int, job_gpus: int) -> bool:
     """Whether a team holding `jobs` jobs and `gpus` GPUs may start one more job needing `job_gpus`."""
     return jobs + 1 <= quota.max_concurrent_jobs and gpus + job_gpus <= quota.max_gpus
+
+
+def queue_places(queued: Sequence[tuple[str, str, int]], quotas: Mapping[str, Quota]) -> dict[str, int]:
+    """Each queued job's place (1 = next), from the queued jobs in scheduling order as (id, team, GPUs), counting
+    only jobs that can ever start: a job its team's quota could never admit (a quota of 0, more GPUs than the
+    team may hold, a team no longer configured) waits for ever, holds up no one and has no place itself."""
+    places: dict[str, int] = {}
+    for job_id, team, gpus in queued:
+        quota = quotas.get(team)
+        if quota is not None and fits_quota(quota, 0, 0, gpus):
+            places[job_id] = len(places) + 1
+    return places

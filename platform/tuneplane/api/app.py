@@ -66,6 +66,10 @@ def create_app(
         version=__version__,
         description="Submit, follow and cancel instruction-tuning jobs; list the adapters they registered.",
         lifespan=lifespan,
+        # No Swagger UI or ReDoc: they load scripts from a CDN. The schema stays at /openapi.json; the
+        # reference is docs/reference (generated from the same schemas).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = found
     problems.install(app)
@@ -74,6 +78,9 @@ def create_app(
     console.install(app)
     app.add_middleware(RequestMetrics, telemetry=found.telemetry)
     app.add_middleware(problems.BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(problems.RefuseNul)
+    # Outermost (added last): every answer carries the security headers, those of the guards above included.
+    app.add_middleware(console.SecurityHeaders)
     return app
 
 

@@ -4,9 +4,9 @@ in the tab's sessionStorage and sent as a bearer header: the server never render
 the pages and their scripts are the same for everyone and may be cached, while every `/v1` answer is marked
 `no-store`. Choices are explained in docs/architecture.md (Web console).
 
-Security headers for every response are set here, in one place: a Content-Security-Policy that allows only
-this origin's scripts and styles (no inline script, no eval, no other host), no framing, no referrer, no MIME
-sniffing.
+Security headers for every response (API answers and the guards' 413 and 422 included: `create_app` installs
+this middleware outermost) are set here, in one place: a Content-Security-Policy that allows only this origin's
+scripts and styles (no inline script, no eval, no other host), no framing, no referrer, no MIME sniffing.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ def install(app: FastAPI) -> None:
     def root() -> RedirectResponse:
         return RedirectResponse(f"{CONSOLE_PATH}/")
 
-    app.add_middleware(SecurityHeaders)
-
 
 def cache_control(path: str, status: int) -> bytes:
     """Team data (`/v1`) is never stored by a browser or proxy; the console's files hold none, so they may be
@@ -79,8 +77,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
                 headers += [*_ALWAYS, (b"cache-control", cache_control(path, message["status"]))]
-                if path.startswith(CONSOLE_PATH) or path == "/":
-                    headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+                headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
                 message["headers"] = headers
             await send(message)
 

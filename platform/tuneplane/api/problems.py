@@ -149,3 +149,21 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"bodies are limited to {self.max_bytes} bytes"
         await problem_response(413, "request too large", detail)(scope, receive, send)
+
+
+class RefuseNul:
+    """Refuses a URL whose path or query holds a NUL character (`%00`) with 422: no job id, name or team has
+    one, and PostgreSQL cannot even compare text with it (a 500 before). Spec bodies are checked by the spec
+    parser, naming the field."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"] or "%00" in scope.get("query_string", b"").decode("latin-1")
+        ):
+            detail = "the URL contains a NUL character (%00), which no job id, name or team holds"
+            await problem_response(422, "invalid request", detail)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -29,6 +29,7 @@ from tuneplane.api.schemas import (
 )
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import SpecError, TuneplaneError, clip
+from tuneplane.policies import queue_places
 from tuneplane.spec import TuningSpec, json_schema
 from tuneplane.states import JobState
 from tuneplane.store import (
@@ -39,7 +40,7 @@ from tuneplane.store import (
     get_job,
     list_events,
     list_jobs,
-    queue_positions,
+    queue_in_order,
     team_usage,
 )
 
@@ -94,6 +95,7 @@ def _jobs_seen_by(db: Database, caller: Principal) -> JobLookup:
 def jobs(
     caller: Caller,
     db: DatabaseDep,
+    config: ConfigDep,
     state: Annotated[list[JobState] | None, Query()] = None,
     name: Annotated[str | None, Query(max_length=63)] = None,
     team: Annotated[str | None, Query(max_length=63, description="Admins only.")] = None,
@@ -102,21 +104,21 @@ def jobs(
 ) -> JobList:
     with db.session(readonly=True) as s:
         found = list_jobs(s, caller, [x.value for x in state or []], name, team, limit + 1, offset)
-        items = _placed(s, [JobOut.model_validate(j) for j in found[:limit]])
+        items = _placed(s, config, [JobOut.model_validate(j) for j in found[:limit]])
     return JobList(items=items, next_offset=offset + limit if len(found) > limit else None)
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)
-def job(job_id: str, caller: Caller, db: DatabaseDep) -> JobDetail:
+def job(job_id: str, caller: Caller, db: DatabaseDep, config: ConfigDep) -> JobDetail:
     with db.session(readonly=True) as s:
-        return _placed(s, [JobDetail.model_validate(get_job(s, caller, job_id))])[0]
+        return _placed(s, config, [JobDetail.model_validate(get_job(s, caller, job_id))])[0]
 
 
-def _placed(session: Any, jobs: list[Listed]) -> list[Listed]:
-    """Queued jobs with their place in the queue."""
+def _placed(session: Any, config: PlatformConfig, jobs: list[Listed]) -> list[Listed]:
+    """Queued jobs with their place in the queue (only jobs that can ever start count)."""
     if not any(j.state == JobState.QUEUED for j in jobs):
         return jobs
-    places = queue_positions(session)
+    places = queue_places(queue_in_order(session), {t.name: t.quota for t in config.teams})
     return [j.model_copy(update={"queue_position": places.get(j.id)}) for j in jobs]
 
 

@@ -145,6 +145,19 @@ def read_tokens_file(path: Path) -> list[TokenEntry]:
 
 class LocalBackend(Strict):
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs run at once on this machine.")
+    memory: str | None = Field(
+        None,
+        description="Memory one local job may use, as a Kubernetes quantity, e.g. '16Gi' (default: this "
+        "machine's total). A job whose estimate for all its workers does not fit is refused at submit.",
+    )
+
+    _quantity = field_validator("memory")(lambda cls, value: check_quantity(value))
+
+    def memory_bytes(self) -> int:
+        """Bytes one local job may use: `memory`, else this machine's physical memory."""
+        if self.memory is not None:
+            return quantity_bytes(self.memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class PlatformConfig(Strict):

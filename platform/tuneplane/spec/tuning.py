@@ -109,17 +109,26 @@ class TuningSpec(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
 
+_NUL = "contains a NUL character (\\x00), which no path, name or text may hold"
+
+
 def _forbidden_keys(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Keys a spec may never hold, and NUL characters anywhere (no file name, URL or database text has one:
+    PostgreSQL refuses them, the OS cuts a path at them)."""
     if isinstance(node, dict):
         for key, value in node.items():
             sub = f"{path}.{key}" if path else str(key)
-            if str(key).lower() in _FORBIDDEN_KEYS:
+            if "\x00" in str(key):
+                yield path or "(document)", f"a key {_NUL}"
+            elif str(key).lower() in _FORBIDDEN_KEYS:
                 yield sub, _FORBIDDEN_KEYS[str(key).lower()]
             else:
                 yield from _forbidden_keys(value, sub)
     elif isinstance(node, list):
         for i, item in enumerate(node):
             yield from _forbidden_keys(item, f"{path}[{i}]")
+    elif isinstance(node, str) and "\x00" in node:
+        yield path, _NUL
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:

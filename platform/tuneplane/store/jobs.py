@@ -281,10 +281,12 @@ def _scheduling_order(job: Any) -> tuple[int, datetime, str]:
     return (-job.priority, _naive(job.created_at), job.id)
 
 
-def queue_positions(session: Session) -> dict[str, int]:
-    """Each queued job's place in the queue (1 = next), in scheduling order over every team."""
-    rows = session.execute(select(Job.id, Job.priority, Job.created_at).where(Job.state == JobState.QUEUED))
-    return {row.id: place for place, row in enumerate(sorted(rows, key=_scheduling_order), start=1)}
+def queue_in_order(session: Session) -> list[tuple[str, str, int]]:
+    """Every queued job as (id, team, GPUs), in scheduling order over every team (`policies.queue_places`)."""
+    rows = session.execute(
+        select(Job.id, Job.team, Job.gpus, Job.priority, Job.created_at).where(Job.state == JobState.QUEUED)
+    )
+    return [(row.id, row.team, row.gpus) for row in sorted(rows, key=_scheduling_order)]
 
 
 def team_usage(session: Session, team: str) -> tuple[Usage, int]:
