@@ -355,19 +355,21 @@ def test_validate_never_reaches_the_hub(tenants: dict[str, Path], monkeypatch) -
     assert "hub" in answer["notes"][0]
 
 
-def test_first_validations_racing_each_other_both_answer(api: TestClient, tenants: dict[str, Path]) -> None:
+def test_first_validations_racing_each_other_both_answer(tenants: dict[str, Path]) -> None:
     spec = _alpha_spec(tenants)
     answers: list[dict] = []
-    threads = [
-        threading.Thread(
-            target=lambda: answers.append(api.post("/v1/validate", json=spec, headers=ALPHA).json())
-        )
-        for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    config = confined_config(tenants, limits={"validations_per_team": 3})
+    with TestClient(create_app(config, run_reconciler=False)) as api:
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(api.post("/v1/validate", json=spec, headers=ALPHA).json())
+            )
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
     assert [a["ok"] for a in answers] == [True, True, True], answers
 
 
@@ -446,3 +448,60 @@ def test_a_cpu_job_must_fit_the_machine_it_runs_on(tenants: dict[str, Path]) -> 
             assert "per worker" in problem["message"] and "usable of this machine's" in problem["message"]
             assert "data.max_seq_len: lower it from 1048576" in problem["message"]
             assert api.post("/v1/jobs", json=spec, headers=ALPHA).status_code == 201  # the tiny job fits
+
+
+def test_a_gzip_bomb_is_cut_at_the_read_budget(api: TestClient, tenants: dict[str, Path]) -> None:
+    """One line of 1 GiB, 1 MB compressed: a dry run once read it through for 34 s, past its 30 s budget."""
+    import gzip
+
+    from tuneplane.admission import PREFLIGHT_READ_BYTES
+
+    bomb = tenants["alpha"] / "bomb.jsonl.gz"
+    chunk = b"a" * (64 << 20)
+    with gzip.open(bomb, "wb", compresslevel=1) as f:
+        for _ in range((2 * PREFLIGHT_READ_BYTES) // len(chunk)):
+            f.write(chunk)
+    started = time.perf_counter()
+    answer = api.post("/v1/validate", json=spec_reading(str(bomb)), headers=ALPHA).json()
+    assert time.perf_counter() - started < 20, "cut by bytes, well before the time budget"
+    [source] = answer["data"]["sources"]
+    assert source["time_limited"] and source["records"] == 0, source
+    assert "read budget ran out" in answer["data"]["quality"]["covers"]
+
+
+def test_validations_are_limited_per_team(tenants: dict[str, Path]) -> None:
+    config = confined_config(tenants, limits={"validations_per_minute": 3})
+    with TestClient(create_app(config, run_reconciler=False)) as api:
+        spec = _alpha_spec(tenants)
+        assert [api.post("/v1/validate", json=spec, headers=ALPHA).status_code for _ in range(3)] == [200] * 3
+        refused = api.post("/v1/validate", json=spec, headers=ALPHA)
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.json()["detail"] == "at most 3 validations a minute per team"
+        beta_spec = spec_reading(str(tenants["beta"] / "train.jsonl"))
+        assert api.post("/v1/validate", json=beta_spec, headers=BETA).json()["ok"] is True  # beta unaffected
+
+
+def test_team_slots_and_rate_limits() -> None:
+    from tuneplane.api.limits import RateLimit, TeamSlots
+    from tuneplane.api.problems import Problem
+
+    slots = TeamSlots("followed logs", per_team=2)
+    first, _ = slots.acquire("alpha", 30), slots.acquire("alpha", 30)
+    with pytest.raises(Problem) as caught:
+        slots.acquire("alpha", 30)
+    assert caught.value.status == 429 and caught.value.headers == {"Retry-After": "30"}
+    slots.acquire("beta", 30)  # another team's slots are its own
+    first()
+    first()  # giving back twice gives back once
+    slots.acquire("alpha", 30)
+    with pytest.raises(Problem):
+        slots.acquire("alpha", 30)
+
+    rate = RateLimit("validations", per_minute=2)
+    rate.take("alpha", now=0.0)
+    rate.take("alpha", now=10.0)
+    with pytest.raises(Problem) as caught:
+        rate.take("alpha", now=15.0)
+    assert caught.value.headers == {"Retry-After": "45"}  # when the first leaves the window
+    rate.take("beta", now=15.0)
+    rate.take("alpha", now=60.0)  # the first has left the window

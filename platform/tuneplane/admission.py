@@ -289,6 +289,7 @@ def _memory_levers(spec: TuningSpec, found: MemoryEstimate) -> tuple[str, list[s
 
 
 PREFLIGHT_BUDGET_S = 30.0  # a dry run answers within this, whatever the spec asks it to read
+PREFLIGHT_READ_BYTES = 512 << 20  # ... and reads at most this much, decompressed (a gzip bomb is cut short)
 _LOADING = threading.Lock()  # transformers' lazy imports are not safe when two first calls race
 
 
@@ -307,5 +308,10 @@ def preflight_report(
         with _LOADING:
             tokenizer = load_tokenizer(spec.model)
         return preflight(
-            spec, tokenizer, max_records=max_records, samples=1, time_budget_s=PREFLIGHT_BUDGET_S
+            spec,
+            tokenizer,
+            max_records=max_records,
+            samples=1,
+            time_budget_s=PREFLIGHT_BUDGET_S,
+            max_read_bytes=PREFLIGHT_READ_BYTES,
         ).to_dict()

@@ -13,6 +13,7 @@ from tuneplane import __version__
 from tuneplane.api import console, probes, problems
 from tuneplane.api.auth import TokenIndex, local_admin_token
 from tuneplane.api.deps import Services
+from tuneplane.api.limits import Limits
 from tuneplane.api.routes import router
 from tuneplane.api.telemetry import RequestMetrics, Telemetry
 from tuneplane.backends import Backend, make_backend
@@ -38,6 +39,7 @@ def create_app(
         reconciler=Reconciler(db, backend, config),
         tokens=tokens,
         telemetry=Telemetry(),
+        limits=Limits(config.limits),
     )
 
     @asynccontextmanager

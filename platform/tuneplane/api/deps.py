@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from tuneplane.api.auth import TokenIndex
+from tuneplane.api.limits import Limits
 from tuneplane.api.problems import Problem
 from tuneplane.api.telemetry import Telemetry
 from tuneplane.backends import Backend
@@ -28,6 +29,7 @@ class Services:
     reconciler: Reconciler
     tokens: TokenIndex
     telemetry: Telemetry
+    limits: Limits
 
 
 def services(request: Request) -> Services:
@@ -55,6 +57,10 @@ def _telemetry(request: Request) -> Telemetry:
     return services(request).telemetry
 
 
+def _limits(request: Request) -> Limits:
+    return services(request).limits
+
+
 def current_principal(request: Request) -> Principal:
     """The caller named by the bearer token; 401 without a known one."""
     header = request.headers.get("authorization", "")
@@ -72,4 +78,5 @@ DatabaseDep = Annotated[Database, Depends(_db)]
 BackendDep = Annotated[Backend, Depends(_backend)]
 ReconcilerDep = Annotated[Reconciler, Depends(_reconciler)]
 TelemetryDep = Annotated[Telemetry, Depends(_telemetry)]
+LimitsDep = Annotated[Limits, Depends(_limits)]
 Caller = Annotated[Principal, Depends(current_principal)]

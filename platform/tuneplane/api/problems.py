@@ -34,8 +34,16 @@ _ANSWERS: list[tuple[type[TuneplaneError], int, str]] = [
 class Problem(TuneplaneError):
     """An answer decided by the API itself (401, 413, 503...), raised from a route or a dependency."""
 
-    def __init__(self, status: int, title: str, detail: str = "", errors: list[dict[str, str]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors
+        self.headers = dict(headers or {})
         super().__init__(detail or title)
 
 
@@ -57,7 +65,7 @@ def problem_response(
 def _answer(exc: TuneplaneError) -> JSONResponse:
     if isinstance(exc, Problem):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return problem_response(exc.status, exc.title, exc.detail, exc.errors, **headers)
+        return problem_response(exc.status, exc.title, exc.detail, exc.errors, **headers, **exc.headers)
     for cls, status, title in _ANSWERS:
         if isinstance(exc, cls):
             if isinstance(exc, InputError):

@@ -3,17 +3,20 @@ read from MLflow by `tuneplane.tracking`; what a route may use comes from `api.d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from functools import partial
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneplane.admission import JobLookup, admit, memory_check, preflight_report, reachability_problems
-from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, ReconcilerDep
-from tuneplane.api.problems import Problem, field_errors
+from tuneplane.admission import JobLookup, admit
+from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, LimitsDep, ReconcilerDep
+from tuneplane.api.dryrun import dry_run, report
+from tuneplane.api.limits import Limits
+from tuneplane.api.problems import Problem
 from tuneplane.api.schemas import (
     CallerOut,
     EventOut,
@@ -27,10 +30,11 @@ from tuneplane.api.schemas import (
     ValidationReport,
     problem_responses,
 )
+from tuneplane.backends import BackendJob
 from tuneplane.config import PlatformConfig
-from tuneplane.errors import SpecError, TuneplaneError, clip
+from tuneplane.errors import SpecError
 from tuneplane.policies import queue_places
-from tuneplane.spec import TuningSpec, json_schema
+from tuneplane.spec import json_schema
 from tuneplane.states import JobState
 from tuneplane.store import (
     Database,
@@ -166,26 +170,51 @@ def events(job_id: str, caller: Caller, db: DatabaseDep) -> list[EventOut]:
 
 
 @router.get("/jobs/{job_id}/logs", response_class=StreamingResponse)
-def logs(
+async def logs(
     job_id: str,
     caller: Caller,
     db: DatabaseDep,
     backend: BackendDep,
     reconciler: ReconcilerDep,
+    limits: LimitsDep,
     follow: bool = False,
     tail: Annotated[int | None, Query(ge=1, le=100_000)] = None,
 ) -> StreamingResponse:
-    """The training log as text; with `follow`, streamed until the job ends."""
-    with db.session(readonly=True) as s:
-        bjob = reconciler.backend_job(get_job(s, caller, job_id))
+    """The training log as text; with `follow`, streamed until the job ends (at most
+    `limits.log_streams_per_team` followed at once per team). Waits on the event loop, reads on stream
+    threads: a followed log holds none of the threads quick requests run on."""
 
-    def lines() -> Iterator[str]:
-        skip = max(0, sum(1 for _ in backend.logs(bjob)) - tail) if tail else 0
-        for i, line in enumerate(backend.logs(bjob, follow=follow)):
-            if i >= skip:
-                yield line
+    def find() -> BackendJob:
+        with db.session(readonly=True) as s:
+            return reconciler.backend_job(get_job(s, caller, job_id))
 
-    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+    bjob = await run_in_threadpool(find)
+    # 429 now, before the answer starts; given back when the stream ends or its client goes.
+    release = limits.log_streams.acquire(caller.team, retry_after_s=30) if follow else (lambda: None)
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            skip = 0
+            if tail:
+                skip = max(0, await _read(limits, lambda: sum(1 for _ in backend.logs(bjob))) - tail)
+            source = backend.logs(bjob, follow=follow)
+            index = 0
+            while (line := await _read(limits, next, source, None)) is not None:
+                if line:  # "" is a follower's heartbeat: nothing new yet
+                    index += 1
+                    if index > skip:
+                        yield line
+        finally:
+            release()
+
+    body = lines()
+    weakref.finalize(body, release)  # a stream dropped before its first line never runs its `finally`
+    return StreamingResponse(body, media_type="text/plain; charset=utf-8")
+
+
+async def _read(limits: Limits, fn: Callable[..., Any], *args: Any) -> Any:
+    """One blocking step of a log stream on the stream threads; a dropped client does not wait for it."""
+    return await anyio.to_thread.run_sync(fn, *args, limiter=limits.stream, abandon_on_cancel=True)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=JobMetrics)
@@ -216,59 +245,27 @@ async def validate(
     caller: Caller,
     config: ConfigDep,
     db: DatabaseDep,
+    limits: LimitsDep,
     max_records: Annotated[int, Query(ge=1, le=10_000)] = 200,
 ) -> ValidationReport:
-    """Dry run: the spec, the team's policy and a bounded data preflight. Creates nothing."""
-    try:  # off the event loop: the memory check may read a model's config.json from object storage
-        admitted = await run_in_threadpool(admit, spec, caller, config, _jobs_seen_by(db, caller))
-    except SpecError as exc:
-        return _report(False, spec, exc.problems)
-    return await run_in_threadpool(_dry_run, admitted, caller.team, config, max_records)
-
-
-def _dry_run(spec: TuningSpec, team: str, config: PlatformConfig, max_records: int) -> ValidationReport:
-    spec_dict = spec.to_dict()
-    problems = reachability_problems(spec, team, config)
-    if problems:
-        return _report(False, spec_dict, problems)
-    owner = config.team(team)
-    assert owner is not None  # admit() refuses callers of unknown teams
-    memory = memory_check(spec, owner, config)
-    notes = [] if memory.estimate else [f"memory estimate skipped: {memory.source}"]
-    report = partial(_report, spec=spec_dict, memory=memory.to_dict())
+    """Dry run: the spec, the team's policy and a bounded data preflight. Creates nothing. At most
+    `limits.validations_per_team` at once and `limits.validations_per_minute` a minute per team (429)."""
+    # One of the team's slots, given back when its work is done (not when a client that left is gone).
+    release = limits.validations.acquire(caller.team, retry_after_s=5)
     try:
-        data = preflight_report(spec, owner, config, max_records)
-    except ImportError as exc:  # an API image without the training extra
-        return report(True, notes=[*notes, f"data preflight skipped: {exc.name} is not installed here"])
-    except Exception as exc:  # the tokenizer or data could not be read: say which
-        failed = exc.problems if isinstance(exc, TuneplaneError) else [("", f"{type(exc).__name__}: {exc}")]
-        return report(False, problems=[(field or "model", clip(message)) for field, message in failed])
-    if data is None:
-        skipped = (
-            "data preflight skipped: the tokenizer is a hub id and the control plane does not reach the hub"
+        limits.validation_rate.take(caller.team)
+        # Off the event loop and off the threads quick requests use.
+        admitted = await anyio.to_thread.run_sync(
+            admit, spec, caller, config, _jobs_seen_by(db, caller), limiter=limits.heavy
         )
-        return report(True, notes=[*notes, skipped])
-    return report(bool(data.get("ok")), data=data, notes=notes)
-
-
-def _report(
-    ok: bool,
-    spec: dict[str, Any],
-    problems: Sequence[tuple[str, str]] = (),
-    data: dict[str, Any] | None = None,
-    notes: Sequence[str] = (),
-    memory: dict[str, Any] | None = None,
-) -> ValidationReport:
-    return ValidationReport.model_validate(
-        {
-            "ok": ok,
-            "spec": spec,
-            "problems": field_errors(problems),
-            "data": data,
-            "notes": list(notes),
-            "memory": memory,
-        }
-    )
+    except SpecError as exc:
+        release()
+        return report(False, spec, exc.problems)
+    except BaseException:
+        release()
+        raise
+    # The data preflight reads and tokenizes for up to its budget: in a process of its own (dryrun.py).
+    return await limits.run_dry(release, dry_run, admitted, caller.team, config, max_records)
 
 
 @router.get("/models", response_model=list[ModelVersionOut])

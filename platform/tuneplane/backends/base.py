@@ -53,7 +53,8 @@ class Backend(Protocol):
         ...
 
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
-        """The job's log lines; with follow, keep yielding until the job ends."""
+        """The job's log lines; with follow, keep yielding until the job ends, and "" (a heartbeat, not a
+        line) every so often while nothing new comes, so that a reader is never held longer than that."""
         ...
 
     def watch(self, namespace: str, timeout_seconds: int = 60) -> Iterator[tuple[str, RunStatus]]:

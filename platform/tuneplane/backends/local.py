@@ -132,6 +132,7 @@ class LocalBackend:
                     yield from f  # whatever was written after the last read
                     return
                 time.sleep(0.5)
+                yield ""  # a heartbeat: a reader may stop here without waiting for the next line
 
 
 def job_environment(config: PlatformConfig, job: BackendJob, inherited: Mapping[str, str]) -> dict[str, str]:

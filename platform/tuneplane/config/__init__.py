@@ -160,6 +160,25 @@ class LocalBackend(Strict):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class ApiLimits(Strict):
+    """What one team may hold of the API at once, so that no team's requests slow another's (api/limits.py)."""
+
+    validations_per_team: int = Field(2, ge=1, description="Dry-run validations one team may run at once.")
+    validations_per_minute: int = Field(
+        30, ge=1, description="Dry-run validations one team may start a minute."
+    )
+    log_streams_per_team: int = Field(
+        8, ge=1, description="Followed job logs one team may hold open at once."
+    )
+    heavy_threads: int = Field(
+        8, ge=1, description="Threads admitting validations, apart from quick requests."
+    )
+    validation_processes: int = Field(
+        2, ge=1, le=64, description="Worker processes running validations' data preflights (niced)."
+    )
+    stream_threads: int = Field(64, ge=1, description="Threads for log streams, apart from quick requests.")
+
+
 class PlatformConfig(Strict):
     backend: Literal["local", "kuberay"] = "local"
     home: Path = Field(
@@ -198,6 +217,7 @@ class PlatformConfig(Strict):
     reconcile_interval_s: float = Field(2.0, gt=0)
     max_job_duration_s: int = Field(7 * 24 * 3600, gt=0, description="A job running longer is failed.")
     max_request_bytes: int = Field(1 << 20, gt=0)
+    limits: ApiLimits = Field(default_factory=ApiLimits)
     auto_migrate: bool = Field(True, description="Apply database migrations at start.")
 
     @field_validator("teams")

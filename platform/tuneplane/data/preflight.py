@@ -20,7 +20,7 @@ import numpy as np
 
 from tuneplane.data.preference import PairExample, PreferenceStream
 from tuneplane.data.quality import Item, QualityScan
-from tuneplane.data.records import RawRecord
+from tuneplane.data.records import RawRecord, ReadBudgetSpent, read_budget
 from tuneplane.data.stream import InstructionStream, SourceStats
 from tuneplane.data.templates import IGNORE_INDEX
 from tuneplane.errors import DataError
@@ -53,7 +53,9 @@ class SourceReport:
     lengths: list[int] = field(default_factory=list)
     samples: list[list[SampleSpan]] = field(default_factory=list)
     fatal: str | None = None  # the error that stopped the scan (on_error: fail, or too many bad records)
-    time_limited: bool = False  # the preflight's time budget ran out before this source was read through
+    time_limited: bool = (
+        False  # the preflight's budget (time or bytes) ran out before this source was read through
+    )
     preference: bool = False  # a `preference` source: pairs, counted as examples
     rejected_lengths: list[int] = field(default_factory=list)
     pair_samples: list[PairSample] = field(default_factory=list)
@@ -155,10 +157,24 @@ def preflight(
     samples: int = 2,
     time_budget_s: float | None = None,
     quality: bool = True,
+    max_read_bytes: int | None = None,
 ) -> PreflightReport:
     """Scan each training and eval source (up to `max_records` records each) through the real pipeline; with a
-    time budget, sources not read through in time are reported as such (`time_limited`), not as errors.
+    time budget (and a budget of decompressed bytes read, `max_read_bytes`), sources not read through within
+    it are reported as such (`time_limited`), not as errors; the budget holds inside a record too.
     `quality=False` leaves out the duplicate and contamination figures (the benchmark's baseline)."""
+    with read_budget(max_read_bytes, time_budget_s):
+        return _preflight(spec, tokenizer, max_records, samples, time_budget_s, quality)
+
+
+def _preflight(
+    spec: TuningSpec,
+    tokenizer: Any,
+    max_records: int | None,
+    samples: int,
+    time_budget_s: float | None,
+    quality: bool,
+) -> PreflightReport:
     deadline = time.monotonic() + time_budget_s if time_budget_s is not None else float("inf")
     data, seed = spec.data, spec.hyperparameters.seed
     evals = [*data.eval_sources, *spec.eval.zero_shot_sources]
@@ -207,7 +223,7 @@ def _coverage(reports: list[SourceReport], max_records: int | None) -> str:
     if max_records is not None and any(r.stats.records >= max_records for r in reports):
         limits.append(f"at most {max_records} records per source")
     if any(r.time_limited for r in reports):
-        limits.append("time budget ran out")
+        limits.append("read budget ran out")
     if any(r.fatal for r in reports):
         limits.append("a source stopped early")
     return f"records scanned only: {', '.join(limits)}" if limits else "every record"
@@ -254,6 +270,8 @@ def _scan_source(
                 _scan_pairs(stream, chunk, report, samples, feed)
             else:
                 _scan_examples(stream, chunk, report, samples, feed)
+    except ReadBudgetSpent:
+        report.time_limited = True
     except DataError as exc:
         report.fatal = str(exc)
     return report

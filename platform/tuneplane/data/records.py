@@ -6,9 +6,12 @@ by row group. Every problem is reported as `uri:line: reason` (Parquet rows coun
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import io
 import json
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +29,41 @@ READ_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 PARQUET_BATCH_ROWS = 1024
 MAX_FILES = 10_000  # files one source may name: each is listed, sharded and checked
+
+
+class ReadBudgetSpent(Exception):
+    """The read budget of this context ran out (`read_budget`): a bounded scan stops here, it is no data error."""
+
+
+@dataclass
+class ReadBudget:
+    """Bytes (decompressed: what a reader really processes) and seconds a bounded scan may spend reading."""
+
+    max_bytes: int | None
+    deadline: float  # time.monotonic()
+    spent: int = 0
+
+    def charge(self, count: int) -> None:
+        self.spent += count
+        if self.max_bytes is not None and self.spent > self.max_bytes:
+            raise ReadBudgetSpent(f"read {self.spent >> 20} MiB, over the {self.max_bytes >> 20} MiB budget")
+        if time.monotonic() > self.deadline:
+            raise ReadBudgetSpent("the time budget ran out")
+
+
+_BUDGET: contextvars.ContextVar[ReadBudget | None] = contextvars.ContextVar("read_budget", default=None)
+
+
+@contextlib.contextmanager
+def read_budget(max_bytes: int | None, seconds: float | None) -> Iterator[ReadBudget]:
+    """Bound every read in this context: past `max_bytes` decompressed bytes or `seconds`, the read in progress
+    raises ReadBudgetSpent, inside a record too (a 10 GiB line of a gzip bomb is cut, not read through)."""
+    budget = ReadBudget(max_bytes, time.monotonic() + seconds if seconds is not None else float("inf"))
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +164,29 @@ def _open_text_stream(uri: str, kind: str) -> io.BufferedReader:
         stream = _Read1Adapter(gzip.GzipFile(fileobj=raw, mode="rb"))
     elif kind == "jsonl.zst":
         stream = _ZstdReader(raw)
+    budget = _BUDGET.get()
+    if budget is not None:
+        stream = _Budgeted(stream, budget)
     return io.BufferedReader(stream, buffer_size=1024 * 1024)
+
+
+class _Budgeted(io.RawIOBase):
+    """Charges every (decompressed) chunk read to a ReadBudget."""
+
+    def __init__(self, source: Any, budget: ReadBudget):
+        self._source, self._budget = source, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count: int = self._source.readinto(buffer)
+        self._budget.charge(count or 0)
+        return count
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
 
 
 class _ZstdReader(io.RawIOBase):
@@ -226,12 +286,15 @@ def _read_parquet(uri: str, start_line: int, required_columns: tuple[str, ...]) 
                 raise DataError(
                     uri, f"Parquet schema has no column {missing!r} (columns: {', '.join(columns)})"
                 )
-            row = 0
+            row, budget = 0, _BUDGET.get()
             for group in range(parquet.num_row_groups):
-                group_rows = parquet.metadata.row_group(group).num_rows
+                meta = parquet.metadata.row_group(group)
+                group_rows = meta.num_rows
                 if row + group_rows <= start_line:  # resume: skip whole row groups without reading them
                     row += group_rows
                     continue
+                if budget is not None:  # a row group is decompressed whole: charged before it is read
+                    budget.charge(meta.total_byte_size)
                 for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group]):
                     for item in batch.to_pylist():
                         row += 1
