@@ -12,7 +12,15 @@ AXE    := build/axe-core-$(AXE_VERSION)/axe.min.js
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test lint bench schema chart-docs
-setup: $(STAMP) $(TINY) $(HELM) $(AXE)
+setup: $(STAMP) $(TINY) $(HELM) $(AXE) bwrap
+
+# bubblewrap sandboxes local jobs (platform/tuneplane/backends/sandbox.py): Debian's package, when apt can install it.
+.PHONY: bwrap
+bwrap:
+	@command -v bwrap >/dev/null || { \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; } \
+	  || echo "bubblewrap could not be installed: local jobs will run unsandboxed (one team only; see docs/operations.md)"; }
 
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

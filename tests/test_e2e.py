@@ -18,6 +18,7 @@ import yaml
 from tests.support.config import REPO
 from tests.support.live import Server
 from tuneplane.client import Client
+from tuneplane.home import Home
 from tuneplane.spec import load_spec
 
 pytestmark = pytest.mark.slow  # `server` (tests/conftest.py): `tuneplane serve` in its own process
@@ -103,9 +104,18 @@ def _ray_daemons() -> set[int]:
 
 
 def _assert_fenced(pgid: int, ray_pids: set[int], record: dict) -> None:
-    """A running local job (issue #20): its environment is the allow-list (nothing of the API's own), its Ray
-    asks for a token of its own that no record shows, and every socket its processes listen on is loopback."""
+    """A running local job (issue #20): it runs under bubblewrap in a PID namespace of its own, its environment
+    is the allow-list (nothing of the API's own), its Ray asks for a token of its own that no record shows, and
+    every socket its processes listen on is loopback."""
     environ = psutil.Process(pgid).environ()  # the job's runner: what the backend gave the job
+    group = [p for p in psutil.process_iter(["cmdline"]) if _pgid(p.pid) == pgid and p.info["cmdline"]]
+    assert any(p.info["cmdline"][0] == "bwrap" for p in group), "the training process runs under bubblewrap"
+    trainer = next(
+        p for p in group if p.info["cmdline"][0] != "bwrap" and "tuneplane.train" in p.info["cmdline"]
+    )
+    status = Path(f"/proc/{trainer.pid}/status").read_text().splitlines()
+    nspid = next(line for line in status if line.startswith("NSpid"))
+    assert len(nspid.split()) == 3, nspid  # a pid here and one in its own namespace
     assert "TUNEPLANE_TEST_API_SECRET" not in environ and "TUNEPLANE_CONFIG" not in environ
     assert environ["RAY_AUTH_MODE"] == "token" and len(environ["RAY_AUTH_TOKEN"]) == 64
     assert environ["RAY_AUTH_TOKEN"] not in str(record)
@@ -146,8 +156,9 @@ def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
     while _ray_daemons() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not (_ray_daemons() - before), "the job's Ray is still running"
-    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()],
+    tracking = MlflowClient(Home(tmp_path).tracking_uri)
+    runs = tracking.search_runs(
+        [e.experiment_id for e in tracking.search_experiments()],
         filter_string=f"tags.`tuneplane.job_id` = '{job_id}'",
     )
     assert [r.info.status for r in runs] == ["KILLED"]

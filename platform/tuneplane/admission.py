@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from itertools import takewhile
-from pathlib import Path
 from typing import Any
 
 from tuneplane.backends.kuberay_pods import node_fit_problems
@@ -25,6 +23,7 @@ from tuneplane.spec import (
     model_location_kind,
     parse_spec,
     registered_team,
+    static_prefix,
 )
 from tuneplane.store import Principal
 
@@ -99,7 +98,7 @@ def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> 
     paths on the local backend inside the team's data roots: never http(s) or other schemes, which would let a
     spec probe the network, and never a host file the team was not given."""
     out = []
-    for field, location, kind in _locations(spec):
+    for field, location, kind in spec.locations():
         if kind == "uri":
             scheme = location.split("://", 1)[0].lower()
             if scheme not in config.storage_schemes:
@@ -111,7 +110,7 @@ def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> 
         elif not location.startswith("/"):
             # the CLI makes a spec file's relative paths absolute before sending
             out.append((field, "a relative path; use an absolute path or a URI"))
-        elif not readable(_static_prefix(location), team, config):
+        elif not readable(static_prefix(location), team, config):
             out.append((field, not_readable(location)))
     return out
 
@@ -140,28 +139,6 @@ def tasks_problems(spec: TuningSpec, team: Team, config: PlatformConfig, local: 
         return eval_tasks.problems(lm_eval.tasks_dir)
 
 
-def _static_prefix(location: str) -> str:
-    """The part of a glob before its first wildcard: the folder every match lies under."""
-    fixed = list(takewhile(lambda part: not any(c in part for c in "*?["), Path(location).parts))
-    return str(Path(*fixed)) if fixed else "/"
-
-
-def _locations(spec: TuningSpec) -> list[tuple[str, str, str]]:
-    """(field, location, kind) of everything a spec reads: data sources and lm-eval task folders (never hub
-    ids), model and tokenizer."""
-    out = [
-        (f"{field}.uri", source.uri, "path" if is_local_path(source.uri) else "uri")
-        for field, source in spec.source_fields()
-    ]
-    if lm_eval := spec.eval.lm_eval:
-        tasks_dir = lm_eval.tasks_dir
-        out.append(("eval.lm_eval.tasks_dir", tasks_dir, "path" if is_local_path(tasks_dir) else "uri"))
-    for key in ("base", "tokenizer"):
-        if location := getattr(spec.model, key):
-            out.append((f"model.{key}", location, model_location_kind(location)))
-    return out
-
-
 def reachability_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) -> Problems:
     """The spec's data sources and local model folder that cannot be found (object storage is listed), and
     local files a glob or symlink reaches outside the team's data roots."""
@@ -187,7 +164,7 @@ def _reachability_problems(spec: TuningSpec, team: Team, config: PlatformConfig)
             continue
         if is_local_path(source.uri) and not all(may_read(f) and os.path.isfile(f) for f in files):
             problems.append((f"{field}.uri", not_readable(source.uri)))  # not a regular file, or outside
-    for field, location, kind in _locations(spec):
+    for field, location, kind in spec.locations():
         if field.endswith(".uri") or kind != "path":  # sources were expanded above
             continue
         if not (readable(location, team, config) and os.path.isdir(os.path.expanduser(location))):

@@ -33,12 +33,21 @@ class Home:
         return f"sqlite:///{self.root / 'tuneplane.db'}"
 
     @property
+    def tracking_db(self) -> Path:
+        """The local MLflow database: in a folder of its own (`mlflow/`), which a sandboxed job may write
+        without seeing the rest of the state folder. A home made before keeps it at the top (`mlflow.db`)."""
+        legacy = self.root / "mlflow.db"
+        return legacy if legacy.exists() else self.root / "mlflow" / "mlflow.db"
+
+    @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return f"sqlite:///{self.tracking_db}"
 
     @property
     def artifact_root(self) -> Path:
-        return self.root / "mlartifacts"
+        """MLflow's artifacts beside its database (`mlflow/artifacts`; `mlartifacts` in a home made before)."""
+        legacy = self.root / "mlartifacts"
+        return legacy if legacy.exists() else self.root / "mlflow" / "artifacts"
 
     @property
     def runs(self) -> Path:
@@ -65,3 +74,16 @@ def pretrained_cache() -> Path:
     """Where checkpoints from object storage are copied, once per node."""
     base = os.environ.get("TUNEPLANE_CACHE")
     return (Path(base).expanduser() if base else default_home()) / "pretrained"
+
+
+def run_folders(storage_path: str, job_id: str) -> tuple[Path, Path]:
+    """The local folders a job's run writes under a local `storage_path`: Ray Train's run (checkpoints) and
+    the final model copied for publishing. The launcher writes them; a sandbox lets the job write only them."""
+    root = Path(storage_path).expanduser()
+    return root / job_id, root / "models" / job_id
+
+
+def ensure_sqlite_folder(uri: str) -> None:
+    """Create the folder of a `sqlite:///` database (SQLite creates the file, not its folder)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)

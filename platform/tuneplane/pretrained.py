@@ -133,7 +133,7 @@ def _name(loaded: Any, location: str) -> None:
     config = getattr(loaded, "config", None)
     if config is not None and hasattr(config, "_name_or_path"):
         config._name_or_path = location
-    elif hasattr(loaded, "name_or_path"):
+    if hasattr(loaded, "name_or_path"):  # a model keeps its own copy (what PEFT records as the base)
         with contextlib.suppress(AttributeError):
             loaded.name_or_path = location
 

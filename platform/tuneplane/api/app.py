@@ -18,6 +18,7 @@ from tuneplane.api.routes import router
 from tuneplane.api.telemetry import RequestMetrics, Telemetry
 from tuneplane.backends import Backend, make_backend
 from tuneplane.config import PlatformConfig
+from tuneplane.home import ensure_sqlite_folder
 from tuneplane.reconciler import Reconciler
 from tuneplane.store import Database
 
@@ -92,4 +93,5 @@ def _init_tracking(uri: str) -> None:
     if uri.startswith("sqlite:"):
         from mlflow import MlflowClient
 
+        ensure_sqlite_folder(uri)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

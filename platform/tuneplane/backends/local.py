@@ -1,7 +1,8 @@
 """The embedded default: each job runs `python -m tuneplane.train` on this machine, on a local Ray it starts.
 
 Everything about a job lives in its folder (`home/jobs/<id>`: spec, pid, exit code, log), so an API that
-restarts finds its running jobs again. A small runner process owns the training process and records its exit
+restarts finds its running jobs again. The training process runs in a bubblewrap sandbox (`sandbox.py`) with an
+allow-listed environment (`job_environment`). A small runner process owns the training process and records its exit
 code, which survives the API's death; the job runs in its own process group so a cancel reaches Ray's
 processes too.
 """
@@ -9,6 +10,7 @@ processes too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from tuneplane import raylocal
+from tuneplane.backends import sandbox
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError
@@ -44,6 +47,7 @@ INHERITED_ENV = (
     "TRANSFORMERS_OFFLINE",
 )
 INHERITED_PREFIXES = ("AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS", "FSSPEC_")
+log = logging.getLogger("tuneplane.backends.local")
 _KILL_GRACE_S = 30  # the entrypoint marks its MLflow run KILLED within its own 20 s grace
 _WATCH_POLL_S = 1.0
 
@@ -55,6 +59,11 @@ class LocalBackend:
         self.config = config
         self.root = Home(config.home).jobs
         self._closed = threading.Event()
+        # ConfigError for several teams that would share an unsandboxed machine unknowingly; else a warning.
+        warning = sandbox.check_isolation(config)
+        if warning:
+            log.warning(warning)
+        self.sandboxed = warning is None
 
     def job_dir(self, job: BackendJob) -> Path:
         return self.root / job.id
@@ -67,10 +76,17 @@ class LocalBackend:
         (folder / "spec.yaml").write_text(yaml.safe_dump(job.spec.to_dict(), sort_keys=False))
         (folder / "namespace").write_text(job.namespace)
         env = job_environment(self.config, job, os.environ)
+        runner = [sys.executable, "-m", "tuneplane.backends.local_runner", str(folder)]
+        if self.sandboxed:
+            plan = sandbox.plan(self.config, job.id, job.team, job.spec)
+            runner += sandbox.bwrap_args(plan, folder)
+            # The machine's home folder is read-only in there: caches go to the team's own.
+            env["HOME"] = str(Home(self.config.home).team_cache(job.team) / "home")
+            Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
         try:
             with open(folder / "train.log", "ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tuneplane.backends.local_runner", str(folder)],
+                    runner,
                     cwd=folder,
                     env=env,
                     stdin=subprocess.DEVNULL,

@@ -145,6 +145,12 @@ def read_tokens_file(path: Path) -> list[TokenEntry]:
 
 class LocalBackend(Strict):
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs run at once on this machine.")
+    isolation: Literal["sandbox", "none"] = Field(
+        "sandbox",
+        description="`sandbox`: each job runs under bubblewrap, seeing only its team's data and its own "
+        "folders (backends/sandbox.py). Where that cannot run, a config with several teams is refused at "
+        "start unless this says `none`.",
+    )
     memory: str | None = Field(
         None,
         description="Memory one local job may use, as a Kubernetes quantity, e.g. '16Gi' (default: this "

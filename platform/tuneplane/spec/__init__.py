@@ -20,6 +20,7 @@ from tuneplane.spec._fields import (
     TemplateName,
     is_local_path,
     model_location_kind,
+    static_prefix,
 )
 from tuneplane.spec.data import DataSpec, InstructionTemplate, SourceSpec
 from tuneplane.spec.evaluation import EvalSpec, GateSpec, LmEvalSpec, TaskGate
@@ -96,5 +97,6 @@ __all__ = [
     "registered_team",
     "resolve_paths",
     "spec_hash",
+    "static_prefix",
     "weights_trained",
 ]

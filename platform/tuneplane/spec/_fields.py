@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from itertools import takewhile
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -83,3 +85,9 @@ def model_location_kind(value: str) -> LocationKind:
     if _SCHEME.match(value):
         return "uri"
     return "hub" if _HUB_ID.match(value) else "path"
+
+
+def static_prefix(location: str) -> str:
+    """The part of a local glob before its first wildcard: the folder every match lies under."""
+    fixed = list(takewhile(lambda part: not any(c in part for c in "*?["), Path(location).parts))
+    return str(Path(*fixed)) if fixed else "/"

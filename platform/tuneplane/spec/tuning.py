@@ -19,6 +19,7 @@ from tuneplane.spec._fields import (
     _TOO_DEEP,
     MAX_SPEC_BYTES,
     SPEC_VERSION,
+    LocationKind,
     _Strict,
     is_local_path,
     model_location_kind,
@@ -104,6 +105,21 @@ class TuningSpec(_Strict):
         for name, sources in groups.items():
             for i, source in enumerate(sources):
                 yield f"{name}[{i}]", source
+
+    def locations(self) -> list[tuple[str, str, LocationKind]]:
+        """(field, location, kind) of everything the spec reads: data sources and lm-eval task folders (a path
+        or a URI, never a hub id), model and tokenizer."""
+        out: list[tuple[str, str, LocationKind]] = [
+            (f"{field}.uri", source.uri, "path" if is_local_path(source.uri) else "uri")
+            for field, source in self.source_fields()
+        ]
+        if lm_eval := self.eval.lm_eval:
+            tasks_dir = lm_eval.tasks_dir
+            out.append(("eval.lm_eval.tasks_dir", tasks_dir, "path" if is_local_path(tasks_dir) else "uri"))
+        for key in ("base", "tokenizer"):
+            if location := getattr(self.model, key):
+                out.append((f"model.{key}", location, model_location_kind(location)))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

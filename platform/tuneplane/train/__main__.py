@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from tuneplane.errors import SpecError, TuneplaneError
 from tuneplane.files import Confinement
-from tuneplane.home import Home
+from tuneplane.home import Home, ensure_sqlite_folder
 from tuneplane.raylocal import use_loopback
 from tuneplane.spec import load_spec
 from tuneplane.train.launcher import RunSettings, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A sandboxed job starts with SIGTERM ignored (so that its sandbox survives a cancel): a cancel stops it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     home = Home.default()
     parser = argparse.ArgumentParser(prog="python -m tuneplane.train", description=__doc__)
     parser.add_argument("--spec", required=True, help="tuning spec (YAML or JSON)")
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "://" not in args.storage_path:
         Path(args.storage_path).expanduser().mkdir(parents=True, exist_ok=True)
+    if not args.no_tracking:
+        ensure_sqlite_folder(args.tracking_uri)
     settings = RunSettings(
         job_id=args.job_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=args.storage_path,

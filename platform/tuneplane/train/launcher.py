@@ -21,6 +21,7 @@ from typing import Any
 from tuneplane.data.quality import DataFilter
 from tuneplane.errors import CheckpointError, TrainingFailed
 from tuneplane.files import Confinement, confine_process
+from tuneplane.home import run_folders
 from tuneplane.pretrained import locate_adapter
 from tuneplane.spec import DistributedSpec, TuningSpec, is_local_path
 from tuneplane.train import checkpointing
@@ -185,12 +186,13 @@ def _collect(result: Any, settings: RunSettings) -> tuple[dict[str, Any], Path]:
     if result.checkpoint is None:
         raise CheckpointError("training finished without a final checkpoint")
     local_root = settings.storage_path if is_local_path(settings.storage_path) else tempfile.gettempdir()
-    model_dir = Path(local_root).expanduser() / "models" / settings.job_id
+    model_dir = run_folders(local_root, settings.job_id)[1]
     with result.checkpoint.as_directory() as folder:
         final = json.loads((Path(folder) / checkpointing.FINAL_METRICS).read_text())
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(Path(folder) / checkpointing.MODEL_DIR, model_dir)
+        # Emptied, not removed: in a sandbox the folder is a mount point (backends/sandbox.py).
+        for old in model_dir.iterdir() if model_dir.exists() else ():
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        shutil.copytree(Path(folder) / checkpointing.MODEL_DIR, model_dir, dirs_exist_ok=True)
     return final, model_dir
 
 
