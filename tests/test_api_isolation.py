@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.support.config import DATA_ROOTS, REPO, TOKENS, free_port
+from tests.support.config import DATA_ROOTS, REPO, TOKENS, free_port, wait_for_http
 from tests.support.tenants import RECORD, spec_reading
 from tuneplane.config import hash_token
 
@@ -141,15 +141,7 @@ def test_one_teams_load_does_not_slow_another(tmp_path: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.2)
+        wait_for_http(f"{base}/readyz", server, 60, "the API")
         seen: dict = {"streams": [], "validations": [], "retry_after": set()}
 
         async def scenario() -> tuple[list[float], list[float]]:

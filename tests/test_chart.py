@@ -853,3 +853,35 @@ def test_install_script_is_valid_bash() -> None:
     script = REPO / "scripts" / "install-helm.sh"
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+@needs_helm
+def test_bundled_mlflow_runs_its_authentication_app() -> None:
+    """ci/production-values.yaml turns MLflow's authentication on: the server runs basic-auth with its users
+    database from a Secret (written to the pod's /tmp by an init container, never into a manifest), the API logs
+    in as the admin from a Secret, and the platform config gives jobs their team's Secret."""
+    objs = rendered("production")
+    pod = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    [init], [server] = pod["initContainers"], pod["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    env = env_of(server)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/tmp/basic_auth.ini"
+    for name, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flaskSecretKey"),
+    ):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "acme-mlflow-admin", "key": key}
+    assert (
+        "default_permission = NO_PERMISSIONS" in init["args"][0] and "/tmp/basic_auth.ini" in init["args"][0]
+    )
+    ref = env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "tuneplane-mlflow-postgres", "key": "authUrl"}
+    api = env_of(api_deployment(objs)["spec"]["template"]["spec"]["containers"][0])
+    assert api["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "acme-mlflow-admin",
+        "key": "password",
+    }
+    config = platform_config(objs)
+    assert config.tracking_auth and config.kuberay.tracking_secret == "tuneplane-mlflow-team"
+    assert not platform_config(rendered("minimal")).tracking_auth  # off unless asked for

@@ -995,3 +995,25 @@ def test_control_plane_on_kuberay_follows_by_watch_and_cancels(
     left = custom.list_namespaced_custom_object(GROUP, VERSION, "ml-team-a", PLURAL)["items"]
     assert [o["metadata"]["name"] for o in left] == [done_id]  # shutdownAfterJobFinishes/TTL clean the rest
     db.dispose()
+
+
+def test_jobs_log_to_an_authenticated_mlflow_as_their_team_from_a_secret() -> None:
+    """With MLflow's authentication on, a job's pods read their team's MLflow user from the team's Secret:
+    the manifest names the Secret and carries no credential."""
+    config = make_config(tracking_secret="tuneplane-mlflow-team").model_copy(update={"tracking_auth": True})
+    rayjob = render_rayjob(make_job("tiny-cpu.yaml", "tiny-cpu-a2"), config)
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in head["env"]}
+    for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+        assert env[name] == {
+            "name": name,
+            "valueFrom": {"secretKeyRef": {"name": "tuneplane-mlflow-team", "key": key}},
+        }
+    with pytest.raises(ValueError, match=r"kuberay\.tracking_secret"):
+        PlatformConfig.model_validate(
+            {
+                **config.model_dump(),
+                "tracking_uri": "http://tuneplane-mlflow:5000",
+                "kuberay": {**config.kuberay.model_dump(), "tracking_secret": None},
+            }
+        )

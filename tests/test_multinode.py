@@ -124,6 +124,25 @@ def _cached_models(node: LoopbackNode) -> list[Path]:
     return list(node.home.rglob("config.json"))
 
 
+def test_every_node_listens_on_loopback_only(cluster: LoopbackCluster) -> None:
+    """Every server of the cluster's nodes (GCS, raylets, agents, workers) binds 127.0.0.1 only
+    (tuneplane.raylocal), with token authentication on."""
+    import contextlib
+
+    import psutil
+
+    homes, root = {str(n.home) for n in [cluster.head, *cluster.nodes]}, str(cluster.root)
+    listening, seen = set(), 0
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("HOME") in homes or root in " ".join(proc.info["cmdline"] or []):
+                seen += 1
+                sockets = proc.net_connections(kind="inet")
+                listening |= {c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN}
+    assert seen >= 3 and listening, (seen, listening)  # the head's and both workers' processes
+    assert listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -141,8 +141,12 @@ def open_fd(path: str | os.PathLike[str]) -> int:
         if not may_read(path):
             raise NotAllowed(path) from None
         raise
-    except OSError as exc:  # a dangling symlink loop, a folder opened as a file...
-        raise NotAllowed(path) from exc
+    except OSError as exc:
+        # A symlink loop, a folder, a path through a file, a device without a driver: not a readable file. Any
+        # other failure (too many open files, an I/O error) is what it says.
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV):
+            raise NotAllowed(path) from exc
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotAllowed(path)

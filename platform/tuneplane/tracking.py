@@ -210,7 +210,28 @@ def _experiment(client: Any, spec: TuningSpec, team: str | None, artifact_root: 
     return str(client.create_experiment(name, artifact_location=location))
 
 
-# -- read side: what the control plane shows about a job (the API never writes to MLflow) ---------------------
+def claim_names(tracking_uri: str, spec: TuningSpec, team: str, artifact_root: str | None) -> None:
+    """With MLflow's authentication on (`tracking_auth`), as its admin before a job starts: create the job's
+    experiment and registered model if missing, give `team` MANAGE on them and no other team anything (see
+    mlflow_auth.py). Creating them here leaves no name for another team's job to take first."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tuneplane.mlflow_auth import claim
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _experiment(client, spec, team, artifact_root)
+    model = registered_model_name(spec, team)
+    if model:
+        try:
+            client.create_registered_model(model)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    claim(tracking_uri, team, experiment_id, model)
+
+
+# -- read side: what the control plane shows about a job (the API writes to MLflow only in claim_names) -----
 
 
 def find_job_run(tracking_uri: str, job_id: str) -> Any | None:

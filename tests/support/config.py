@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "jobs" / "data"
@@ -58,3 +60,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: Any, timeout_s: float, what: str, log: Path | None = None) -> None:
+    """Until `url` answers 200; RuntimeError (with the tail of `log`) when `proc` ends first or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{what} did not start (exit code {proc.poll()}) {tail}")
+        time.sleep(0.2)

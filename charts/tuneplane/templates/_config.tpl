@@ -7,6 +7,7 @@ not here: it comes from a Secret through TUNEPLANE_DATABASE_URL (or defaults to 
 backend: kuberay
 home: {{ $c.home | quote }}
 tracking_uri: {{ include "tuneplane.trackingUri" . | quote }}
+tracking_auth: {{ .Values.mlflow.auth.enabled }}
 teams:
 {{- range $c.teams }}
   - name: {{ .name | quote }}
@@ -63,6 +64,9 @@ kuberay:
   tracking_uri: {{ include "tuneplane.trackingUri" . | quote }}
   {{- with $c.kuberay.artifactRoot }}
   artifact_root: {{ . | quote }}
+  {{- end }}
+  {{- if .Values.mlflow.auth.enabled }}
+  tracking_secret: {{ $c.kuberay.trackingSecret | quote }}
   {{- end }}
   kueue:
     enabled: {{ $c.kueue.enabled }}

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from tuneplane import __version__
+from tuneplane import __version__, mlflow_auth
 from tuneplane.api import console, probes, problems
 from tuneplane.api.auth import TokenIndex, local_admin_token
 from tuneplane.api.deps import Services
@@ -48,6 +48,8 @@ def create_app(
         if config.auto_migrate:
             db.migrate()
         _init_tracking(config.tracking_uri)
+        if config.tracking_auth:  # one MLflow user per team, its password derived from the admin's
+            mlflow_auth.ensure_users(config.tracking_uri, [t.name for t in config.teams])
         stop = threading.Event()
         thread = None
         if run_reconciler:

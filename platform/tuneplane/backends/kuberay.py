@@ -30,6 +30,7 @@ from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.backends.kuberay_network import JOB_ID_LABEL, job_network_policy, network_policy_name
 from tuneplane.backends.kuberay_pods import PodGroup, node_groups
 from tuneplane.config import GpuPool, PlatformConfig
+from tuneplane.config.kuberay import SecretRef
 from tuneplane.errors import BackendError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -114,9 +115,15 @@ def _env(job: BackendJob, config: PlatformConfig) -> list[dict[str, Any]]:
     if pool and pool.accelerator_type:  # Ray Train places workers only on nodes of this accelerator type
         env.append({"name": "TUNEPLANE_ACCELERATOR_TYPE", "value": pool.accelerator_type})
     # Credentials are resolved by the kubelet from Secrets: the manifest only names them.
+    secrets = sorted(kr.storage_env.items())
+    if config.tracking_auth and kr.tracking_secret:  # the team's own MLflow user (mlflow_auth.py)
+        secrets += [
+            ("MLFLOW_TRACKING_USERNAME", SecretRef(name=kr.tracking_secret, key="username")),
+            ("MLFLOW_TRACKING_PASSWORD", SecretRef(name=kr.tracking_secret, key="password")),
+        ]
     env += [
         {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-        for name, ref in sorted(kr.storage_env.items())
+        for name, ref in secrets
     ]
     return env
 

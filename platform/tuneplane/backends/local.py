@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneplane import raylocal
+from tuneplane import mlflow_auth, raylocal
 from tuneplane.backends import sandbox
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
 from tuneplane.config import PlatformConfig
@@ -163,6 +163,8 @@ def job_environment(config: PlatformConfig, job: BackendJob, inherited: Mapping[
         for key, value in inherited.items()
         if key in INHERITED_ENV or key.startswith(INHERITED_PREFIXES)
     }
+    if config.tracking_auth:  # the job logs to MLflow as its team, never as the API's admin
+        passed |= mlflow_auth.job_env(job.team, inherited)
     return (
         passed
         | confinement.to_env()

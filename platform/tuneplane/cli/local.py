@@ -267,3 +267,39 @@ def token_new(
     role = "admin" if admin else "member"
     typer.echo(f"token (give it to the team; it is not stored): {token}")  # plain: never wrapped
     typer.echo(f"config entry: {{sha256: {hash_token(token)}, team: {team}, role: {role}}}")
+
+
+@app.command("mlflow-credentials")
+def mlflow_credentials(
+    team: Annotated[str, typer.Option(help="Team whose MLflow user to print.")],
+) -> None:
+    """With `tracking_auth` on a cluster: the team's MLflow user as a Secret manifest for its namespace (the
+    `kuberay.tracking_secret` its jobs read). Needs the MLflow admin's MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD, from which the team's password is derived."""
+    import yaml
+
+    from tuneplane import mlflow_auth
+    from tuneplane.config import load_config
+
+    cfg = load_or_exit("config", load_config, None)
+    found = cfg.team(team)
+    if found is None:
+        raise typer.BadParameter(f"team {team} is not configured", param_hint="--team")
+    try:
+        env = mlflow_auth.job_env(team)
+    except mlflow_auth.TrackingAuthError as exc:
+        raise typer.BadParameter(str(exc), param_hint="MLFLOW_TRACKING_USERNAME") from None
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": cfg.kuberay.tracking_secret or "tuneplane-mlflow-team",
+            "namespace": found.namespace,
+        },
+        "type": "Opaque",
+        "stringData": {
+            "username": env["MLFLOW_TRACKING_USERNAME"],
+            "password": env["MLFLOW_TRACKING_PASSWORD"],
+        },
+    }
+    typer.echo(yaml.safe_dump(secret, sort_keys=False), nl=False)

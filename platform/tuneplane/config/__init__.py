@@ -197,6 +197,13 @@ class PlatformConfig(Strict):
     )
     tracking_uri: str = Field("", description="MLflow the API reads; default SQLite in `home`.")
     artifact_root: str = Field("", description="MLflow artifact location for new experiments.")
+    tracking_auth: bool = Field(
+        False,
+        description="MLflow runs its authentication app (`--app-name basic-auth`, default permission "
+        "NO_PERMISSIONS): the API, holding the admin's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+        "makes one MLflow user per team and gives it only its own experiments and registered models; jobs "
+        "log as their team (mlflow_auth.py).",
+    )
     storage_path: str = Field("", description="Ray Train storage for local runs; default `home`/runs.")
     teams: list[Team] = Field(default_factory=lambda: [Team(name="default")])
     gpu_pools: dict[str, GpuPool] = Field(default_factory=dict)
@@ -242,12 +249,23 @@ class PlatformConfig(Strict):
         self.tracking_uri = self.tracking_uri or home.tracking_uri
         self.artifact_root = self.artifact_root or str(home.artifact_root)
         self.storage_path = self.storage_path or str(home.runs)
+        if self.tracking_auth and self.tracking_uri.startswith(("sqlite:", "file:")):
+            raise ValueError("tracking_auth: needs an MLflow tracking server (http(s)://), not a local store")
+        if self.tracking_auth and self.backend == "kuberay" and not self.kuberay.tracking_secret:
+            raise ValueError(
+                "tracking_auth: the kuberay backend needs kuberay.tracking_secret (team credentials)"
+            )
         known = set(self.gpu_pools)
         for team in self.teams:
             unknown = set(team.gpu_pools) - known
             if unknown:
                 raise ValueError(f"team {team.name}: unknown gpu_pools {sorted(unknown)}")
         return self
+
+    def job_artifact_root(self) -> str | None:
+        """Where a job's new MLflow experiments keep artifacts, as its backend tells the job (None: the
+        tracking server's default)."""
+        return self.kuberay.artifact_root if self.backend == "kuberay" else self.artifact_root
 
     def team(self, name: str) -> Team | None:
         return next((t for t in self.teams if t.name == name), None)

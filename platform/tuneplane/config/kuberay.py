@@ -177,6 +177,12 @@ class KubeRayBackend(Strict):
     artifact_root: str | None = Field(
         None, description="MLflow artifact location for new experiments (default: the tracking server's)."
     )
+    tracking_secret: str | None = Field(
+        None,
+        description="With `tracking_auth`: the Secret, in every team namespace, holding that team's MLflow user "
+        "(keys `username`, `password`; `tuneplane mlflow-credentials` prints them). Job pods get it as "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
+    )
     kueue: Kueue = Field(default_factory=Kueue)
     kubeconfig: Path | None = Field(None, description="Outside a cluster; in one, the pod's service account.")
     api_server: str | None = Field(None, description="Kubernetes API URL override (tests).")

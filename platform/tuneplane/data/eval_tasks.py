@@ -34,6 +34,7 @@ FIELD = "eval.lm_eval.tasks_dir"
 LOCAL_LOADERS = ("json", "csv", "parquet")  # `dataset_path` values that read files, never the hub
 MAX_FILES = 1_000  # files in one tasks folder
 MAX_YAML_BYTES = 1 << 20  # one task file
+MAX_YAML_TOTAL = 16 << 20  # every task file of a folder: what submit may read
 MAX_FOLDER_BYTES = 1 << 30  # everything staged
 _YAML = (".yaml", ".yml")
 _METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -178,6 +179,7 @@ def _checked(folder: _Folder) -> tuple[dict[str, Any], list[str]]:
     """(each task file's parsed content by name, every problem as "file: key: reason")."""
     configs: dict[str, Any] = {}
     found: list[str] = []
+    total = 0
     for name in (n for n in folder.names if n.endswith(_YAML)):
         shown = folder.shown(name)
         with _reading(folder, name) as handle:
@@ -185,6 +187,10 @@ def _checked(folder: _Folder) -> tuple[dict[str, Any], list[str]]:
         if len(text) > MAX_YAML_BYTES:
             found.append(f"{shown}: larger than {MAX_YAML_BYTES >> 10} KiB")
             continue
+        total += len(text)
+        if total > MAX_YAML_TOTAL:
+            found.append(f"{folder.uri}: task files over {MAX_YAML_TOTAL >> 20} MiB in all")
+            break
         try:
             config = yaml.load(text, Loader=_TaskLoader)  # a SafeLoader; tags become _Tagged
         except (yaml.YAMLError, RecursionError) as exc:
