@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from tests.support.tenants import ALPHA, confined_config, spec_reading
@@ -283,3 +284,51 @@ def test_a_job_whose_file_is_swapped_after_queueing_never_reads_it(tenants: dict
     assert str(data) in status.message, status
     assert NotAllowed.REASON in status.message or "no files match" in status.message, status
     assert SECRET not in log
+
+
+def test_the_platforms_private_files_are_never_a_teams(tenants: dict[str, Path], tmp_path: Path) -> None:
+    """The config file, the tokens file and a SQLite database are refused wherever they lie, even inside a
+    team's own root (the embedded default reads the folder the server started in)."""
+    from tuneplane.config import load_config
+
+    alpha = tenants["alpha"]
+    config_file, tokens = alpha / "platform.yaml", alpha / "tokens.yaml"
+    tokens.write_text("[]\n")
+    base = confined_config(tenants)
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "home": str(base.home),
+                "teams": [{"name": "alpha", "data_roots": [str(alpha)]}],
+                "data_roots": [],
+                "database_url": f"sqlite:///{alpha / 'api.db'}",
+                "auth": {"tokens_file": str(tokens)},
+            }
+        )
+    )
+    config = load_config(config_file)
+    confinement = config.confinement(config.team("alpha"))
+    assert confinement.allows_path(alpha / "train.jsonl")
+    for private in (config_file, tokens, alpha / "api.db", alpha / "api.db-journal"):
+        assert not confinement.allows_path(private), private
+    with confined_to(confinement), pytest.raises(NotAllowed):
+        open_local(config_file)
+
+
+def test_the_api_never_follows_a_planted_log_symlink(tenants: dict[str, Path], tmp_path: Path) -> None:
+    """A job that could write its folder (unsandboxed) once made `train.log` a link to the API's own files."""
+    from tuneplane.backends.base import BackendJob
+    from tuneplane.backends.local import LocalBackend
+    from tuneplane.spec import parse_spec
+
+    secret = tmp_path / "api-secrets.env"
+    secret.write_text("MLFLOW_TRACKING_PASSWORD=admin\n")
+    backend = LocalBackend(confined_config(tenants))
+    job = BackendJob(id="planted", team="alpha", namespace="alpha", spec=parse_spec(spec_reading("/x.jsonl")))
+    folder = backend.job_dir(job)
+    folder.mkdir(parents=True)
+    (folder / "train.log").symlink_to(secret)
+    (folder / "pid").write_text("0")  # and a pid that would signal the API's own process group
+    assert list(backend.logs(job)) == []
+    assert backend.status(job).phase.value == "MISSING"
+    backend.cancel(job)  # nothing signalled: this test process is still here

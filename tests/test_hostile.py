@@ -505,3 +505,24 @@ def test_team_slots_and_rate_limits() -> None:
     assert caught.value.headers == {"Retry-After": "45"}  # when the first leaves the window
     rate.take("beta", now=15.0)
     rate.take("alpha", now=60.0)  # the first has left the window
+
+
+def test_several_local_teams_must_name_their_data_roots(tenants: dict[str, Path]) -> None:
+    from tuneplane.config import load_config
+    from tuneplane.errors import ConfigError
+
+    teams = [{"name": "alpha"}, {"name": "beta"}]
+    with pytest.raises(ConfigError, match="data_roots: several teams share the local backend"):
+        load_config(overrides={"home": str(tenants["home"]), "teams": teams})
+    assert load_config(overrides={"home": str(tenants["home"]), "teams": teams[:1]}).data_roots is None
+
+
+def test_a_validation_that_never_answers_is_stopped(tenants: dict[str, Path]) -> None:
+    """A read hanging below every budget holds no worker for ever: past validation_timeout_s the workers are
+    killed (503) and the next validation gets new ones."""
+    spec = _alpha_spec(tenants)
+    with TestClient(create_app(confined_config(tenants, limits={"validation_timeout_s": 0.01}))) as api:
+        stopped = api.post("/v1/validate", json=spec, headers=ALPHA)
+        assert stopped.status_code == 503 and "no answer within 0.01 s" in stopped.json()["detail"]
+    with TestClient(create_app(confined_config(tenants), run_reconciler=False)) as api:
+        assert api.post("/v1/validate", json=spec, headers=ALPHA).json()["ok"] is True

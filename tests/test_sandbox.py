@@ -37,7 +37,11 @@ attempt("read other job", lambda: open(paths["other_job"]).read())
 def write(path):
     with open(path, "a") as f:
         f.write("x")
-attempt("write own job folder", lambda: write(os.path.join(paths["job"], "x")))
+attempt("write own job folder", lambda: write(os.path.join(paths["job"], "pid")))
+attempt("write work folder", lambda: write(os.path.join(paths["job"], "work", "x")))
+attempt("read other run", lambda: open(paths["other_run"]).read())
+attempt("read config", lambda: open(paths["config"]).read())
+out["run sockets"] = sorted(os.listdir("/run"))
 attempt("write run folder", lambda: write(os.path.join(paths["run"], "x")))
 attempt("write mlflow store", lambda: write(os.path.join(paths["mlflow"], "x")))
 attempt("write own data", lambda: write(paths["own"]))
@@ -76,6 +80,12 @@ def test_code_in_a_job_sees_only_what_the_job_may(sandboxed: dict[str, Path], tm
     from tuneplane.spec import parse_spec
 
     spec = parse_spec(spec_reading(str(tenants["alpha"] / "train.jsonl")))
+    other_run = Path(config.storage_path) / "beta-job" / "checkpoint.json"
+    other_run.parent.mkdir(parents=True)
+    other_run.write_text("beta's checkpoint")
+    config_file = tenants["alpha"] / "platform.yaml"  # even inside the team's own root
+    config_file.write_text("database_url: postgresql://u:secret@db/tuneplane\n")
+    config._source = config_file
     plan = sandbox.plan(config, "alpha-job", "alpha", spec)
     job = home / "jobs" / "alpha-job"
     paths = {
@@ -88,8 +98,10 @@ def test_code_in_a_job_sees_only_what_the_job_may(sandboxed: dict[str, Path], tm
         "run": str(Path(config.storage_path) / "alpha-job"),
         "mlflow": str(Path(config.tracking_uri.removeprefix("sqlite:///")).parent),
         "home": str(home),
+        "other_run": str(other_run),
+        "config": str(config_file),
     }
-    command = [*sandbox.bwrap_args(plan, job), sys.executable, "-c", PROBE, json.dumps(paths)]
+    command = [*sandbox.bwrap_args(plan, job / sandbox.WORK), sys.executable, "-c", PROBE, json.dumps(paths)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
@@ -101,14 +113,19 @@ def test_code_in_a_job_sees_only_what_the_job_may(sandboxed: dict[str, Path], tm
         "read tokens file": 0,  # /dev/null
         "read database": 0,
         "read other job": "FileNotFoundError",  # the state folder holds only this job's own folders
-        "write own job folder": "ok",
+        "write own job folder": "OSError",  # its control files are the runner's: read-only
+        "write work folder": "ok",
+        "read other run": "FileNotFoundError",  # only its own run folders are in the run storage
+        "read config": 0,  # the platform's private files read empty, wherever they lie
+        "run sockets": [],  # no host service's socket
         "write run folder": "ok",
         "write mlflow store": "ok",
         "write own data": "OSError",  # read-only file system
         "write state folder": "ok",  # ... into the sandbox's own empty state folder, not the real one
     }
     assert not (home / "planted").exists()
-    assert (job / "x").exists() and (Path(paths["mlflow"]) / "x").exists()
+    assert (job / "work" / "x").exists() and (Path(paths["mlflow"]) / "x").exists()
+    assert "pid" not in {p.name for p in job.iterdir()}
 
 
 def test_several_teams_without_a_sandbox_refuse_to_start(tenants: dict[str, Path], monkeypatch) -> None:

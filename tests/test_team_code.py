@@ -69,6 +69,8 @@ def _marker(tmp_path: Path) -> Path:
         ("include: /etc/hosts.yaml\n", "include", "must lie in the tasks folder"),
         ("include: ../../other/task.yaml\n", "include", "must lie in the tasks folder"),
         ("include: missing.yaml\n", "include", "no such file in the tasks folder"),
+        # a file no rule reads (lm-eval would load its `!function` tags all the same)
+        ("include: payload.txt\n", "include", "payload.txt: an include names a task file (*.yaml)"),
         (
             "dataset_kwargs:\n  data_files: {test: /data/beta/secret.jsonl}\n",
             "dataset_kwargs",
@@ -99,7 +101,14 @@ def _marker(tmp_path: Path) -> Path:
 def test_task_files_that_would_run_code_or_read_elsewhere_are_refused(
     tmp_path: Path, yaml_text: str, key: str, says: str
 ) -> None:
-    folder = _folder(tmp_path, **{"evil.yaml": "task: evil\n" + yaml_text, "utils.py": "import os\n"})
+    folder = _folder(
+        tmp_path,
+        **{
+            "evil.yaml": "task: evil\n" + yaml_text,
+            "utils.py": "import os\n",
+            "payload.txt": "process_docs: !function utils.process_docs\n",
+        },
+    )
     found = eval_tasks.problems(str(folder))
     assert found, yaml_text
     fields = {field for field, _ in found}
@@ -262,3 +271,20 @@ def test_a_tokenizers_chat_template_renders_in_the_sandbox(tmp_path: Path, tiny_
     with pytest.raises(FormatError, match="chat template"):
         render(conversation, "tokenizer", tokenizer)
     assert not marker.exists()
+
+
+def test_object_keys_that_climb_out_of_the_folder_are_refused(s3_bucket, tmp_path: Path) -> None:
+    """An S3 key `tasks/../../x.pth` would be staged outside the staging folder (a .pth file in site-packages
+    runs code when Python starts)."""
+    import boto3
+
+    fs, bucket = s3_bucket
+    fs.put(str(TASKS), f"{bucket}/evals/", recursive=True)
+    name = bucket.removeprefix("s3://")
+    boto3.client("s3").put_object(Bucket=name, Key="evals/lm_eval_tasks/../../../x.pth", Body=b"import os")
+    fs.invalidate_cache()
+    [(field, message)] = eval_tasks.problems(f"{bucket}/evals/lm_eval_tasks")
+    assert field == "eval.lm_eval.tasks_dir" and "not a plain path inside the tasks folder" in message
+    with pytest.raises(Exception, match="not a plain path"):
+        eval_tasks.stage(f"{bucket}/evals/lm_eval_tasks", tmp_path / "staged")
+    assert not list(tmp_path.rglob("*.pth"))

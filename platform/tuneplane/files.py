@@ -60,7 +60,7 @@ class Confinement:
     def of(
         cls, roots: Sequence[str | os.PathLike[str]], denied: Sequence[str | os.PathLike[str]] = ()
     ) -> Confinement:
-        return cls(tuple(map(_real, roots)), tuple(map(_real, denied)))
+        return cls(tuple(map(resolved, roots)), tuple(map(resolved, denied)))
 
     def allows(self, real: Path) -> bool:
         """The one rule: `real` (a resolved path) lies inside a root and outside every denied folder."""
@@ -72,7 +72,7 @@ class Confinement:
         """Whether `path`, resolved now, lies inside; not when it cannot be resolved (a link changing under
         the resolution, a loop)."""
         try:
-            return self.allows(_real(path))
+            return self.allows(resolved(path))
         except OSError:
             return False
 
@@ -91,7 +91,8 @@ class Confinement:
         return cls.of(split(ROOTS_ENV), split(DENIED_ENV))
 
 
-def _real(path: str | os.PathLike[str]) -> Path:
+def resolved(path: str | os.PathLike[str]) -> Path:
+    """`path` with '~', '..' and every symlink resolved, as it is now."""
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
@@ -130,13 +131,38 @@ def may_read(path: str | os.PathLike[str]) -> bool:
 
 _HAS_PROC = os.path.isdir("/proc/self/fd")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+# Linux: a descriptor that names a file without opening it (no device driver runs, no FIFO is joined).
+_O_PATH = getattr(os, "O_PATH", 0) if _HAS_PROC else 0
+_NOT_A_FILE = (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV)
 
 
 def open_fd(path: str | os.PathLike[str]) -> int:
     """A read-only descriptor of the regular file at `path`, checked where it really lies (see the module doc).
-    NotAllowed when the current confinement refuses it, FileNotFoundError for a missing file inside it."""
+    NotAllowed when the current confinement refuses it, FileNotFoundError for a missing file inside it. On
+    Linux the file is first only named (O_PATH) and checked, then opened through that name: nothing that is
+    not an allowed regular file is ever opened."""
+    named = _open(path, (_O_PATH | getattr(os, "O_CLOEXEC", 0)) if _O_PATH else _OPEN_FLAGS)
     try:
-        fd = os.open(os.path.expanduser(path), _OPEN_FLAGS)
+        if not stat.S_ISREG(os.fstat(named).st_mode):
+            raise NotAllowed(path)
+        found = current()
+        if found is not None and not found.allows(_fd_path(named, path)):
+            raise NotAllowed(path)
+        if not _O_PATH:
+            os.set_blocking(named, True)
+            return named
+        fd = os.open(f"/proc/self/fd/{named}", _OPEN_FLAGS)  # the very file checked above
+    except BaseException:
+        os.close(named)
+        raise
+    os.close(named)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _open(path: str | os.PathLike[str], flags: int) -> int:
+    try:
+        return os.open(os.path.expanduser(path), flags)
     except FileNotFoundError:
         if not may_read(path):
             raise NotAllowed(path) from None
@@ -144,20 +170,9 @@ def open_fd(path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         # A symlink loop, a folder, a path through a file, a device without a driver: not a readable file. Any
         # other failure (too many open files, an I/O error) is what it says.
-        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENXIO, errno.ENODEV):
+        if exc.errno in _NOT_A_FILE:
             raise NotAllowed(path) from exc
         raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotAllowed(path)
-        found = current()
-        if found is not None and not found.allows(_fd_path(fd, path)):
-            raise NotAllowed(path)
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def open_local(path: str | os.PathLike[str]) -> BinaryIO:
@@ -171,7 +186,7 @@ def _fd_path(fd: int, shown: str | os.PathLike[str]) -> Path:
     try:
         return Path(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:
-        real = _real(shown)
+        real = resolved(shown)
         try:
             same = os.path.samestat(os.stat(real), os.fstat(fd))
         except OSError:

@@ -83,7 +83,16 @@ def run_folders(storage_path: str, job_id: str) -> tuple[Path, Path]:
     return root / job_id, root / "models" / job_id
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite database URL (`sqlite:///...`, SQLAlchemy's or MLflow's), else None."""
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix)).expanduser()
+    return None
+
+
 def ensure_sqlite_folder(uri: str) -> None:
     """Create the folder of a `sqlite:///` database (SQLite creates the file, not its folder)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)

@@ -189,17 +189,18 @@ class Reconciler:
         """Ask the backend to run a SUBMITTED job (idempotent by job id); retried each pass until it accepts.
         With MLflow's authentication on, the job's experiment and model are its team's first."""
         bjob = self.backend_job(job)
-        try:
-            if self.config.tracking_auth:
-                from tuneplane.tracking import claim_names
+        if self.config.tracking_auth:
+            from tuneplane.tracking import claim_names
 
+            try:
                 claim_names(self.config.tracking_uri, bjob.spec, job.team, self.config.job_artifact_root())
+            except Exception as exc:  # MLflow unreachable or refusing the admin: retried, the job not started
+                set_message(job, f"tracking not ready, will retry: {type(exc).__name__}: {clip(str(exc))}")
+                return
+        try:
             self.backend.submit(bjob)
         except BackendError as exc:
             set_message(job, f"submit failed, will retry: {exc}")
-            return
-        except Exception as exc:  # MLflow unreachable or refusing the admin: retried, the job not started
-            set_message(job, f"tracking not ready, will retry: {type(exc).__name__}: {clip(str(exc))}")
             return
         record_hand_over(job)
 

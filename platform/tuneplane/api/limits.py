@@ -22,10 +22,9 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -66,15 +65,6 @@ class TeamSlots:
 
         return release
 
-    @contextmanager
-    def hold(self, team: str, retry_after_s: int) -> Iterator[None]:
-        """One slot for the block."""
-        release = self.acquire(team, retry_after_s)
-        try:
-            yield
-        finally:
-            release()
-
 
 @dataclass
 class RateLimit:
@@ -114,6 +104,7 @@ class Limits:
         self.stream = CapacityLimiter(config.stream_threads)
         self.probes = CapacityLimiter(2)
         self.processes = config.validation_processes
+        self.timeout_s = config.validation_timeout_s
 
     async def run_dry(self, release: Callable[[], None], fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the validation processes; `release` runs when it is done (or never started), however
@@ -127,7 +118,10 @@ class Limits:
             raise
         future.add_done_callback(lambda _: release())
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError:  # a read that hangs below every budget: the workers go, a new pool comes
+            _drop_pool(self.processes, pool, kill=True)
+            raise Problem(503, "validation unavailable", f"no answer within {self.timeout_s:g} s") from None
         except BrokenProcessPool:
             _drop_pool(self.processes, pool)
             raise Problem(503, "validation unavailable", "the validation worker stopped; retry") from None
@@ -147,11 +141,14 @@ def _pool(size: int) -> ProcessPoolExecutor:
         return _POOLS[size]
 
 
-def _drop_pool(size: int, pool: ProcessPoolExecutor) -> None:
+def _drop_pool(size: int, pool: ProcessPoolExecutor, kill: bool = False) -> None:
     with _POOLS_LOCK:
         if _POOLS.get(size) is pool:
             del _POOLS[size]
+    workers = list((pool._processes or {}).values()) if kill else []  # the executor's own table of them
     pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.kill()
 
 
 def _below_the_api() -> None:

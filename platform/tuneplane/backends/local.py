@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -45,6 +46,18 @@ INHERITED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE",
+    "HF_ENDPOINT",
+    "CUDA_VISIBLE_DEVICES",
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    *(
+        f"{name}{proxy}"
+        for name in ("HTTP", "HTTPS", "NO", "http", "https", "no")
+        for proxy in ("_PROXY", "_proxy")
+    ),
 )
 INHERITED_PREFIXES = ("AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS", "FSSPEC_")
 log = logging.getLogger("tuneplane.backends.local")
@@ -79,7 +92,7 @@ class LocalBackend:
         runner = [sys.executable, "-m", "tuneplane.backends.local_runner", str(folder)]
         if self.sandboxed:
             plan = sandbox.plan(self.config, job.id, job.team, job.spec)
-            runner += sandbox.bwrap_args(plan, folder)
+            runner += sandbox.bwrap_args(plan, folder / sandbox.WORK)
             # The machine's home folder is read-only in there: caches go to the team's own.
             env["HOME"] = str(Home(self.config.home).team_cache(job.team) / "home")
             Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
@@ -122,8 +135,8 @@ class LocalBackend:
 
     def cancel(self, job: BackendJob) -> None:
         folder = self.job_dir(job)
-        pid_file = folder / "pid"
-        if not pid_file.exists() or (folder / "exit_code").exists():
+        pid = _pid(folder)
+        if pid is None or (folder / "exit_code").exists():
             return
         cancelled = folder / "cancelled"
         first = not cancelled.exists()
@@ -132,13 +145,18 @@ class LocalBackend:
         since = time.time() - float(cancelled.read_text() or 0)
         sig = signal.SIGTERM if first or since < _KILL_GRACE_S else signal.SIGKILL
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(pid_file.read_text()), sig)
+            os.killpg(pid, sig)
 
     def logs(self, job: BackendJob, follow: bool = False) -> Iterator[str]:
         path = self.job_dir(job) / "train.log"
-        if not path.exists():
+        try:  # never through a symlink: an unsandboxed job could have put one there (to the API's own files)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
             return
-        with open(path, encoding="utf-8", errors="replace") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return
+        with open(fd, encoding="utf-8", errors="replace") as f:
             while True:
                 line = f.readline()
                 if line:
@@ -186,11 +204,18 @@ def job_environment(config: PlatformConfig, job: BackendJob, inherited: Mapping[
     )
 
 
+def _pid(folder: Path) -> int | None:
+    """The runner's pid the backend wrote, or None (not started, or not a pid: never 0 or 1, which would
+    signal the API's own process group or every process)."""
+    text = _read(folder / "pid").strip()
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
 def _status(folder: Path) -> RunStatus:
-    pid_file, exit_file = folder / "pid", folder / "exit_code"
-    if not pid_file.exists():
+    exit_file = folder / "exit_code"
+    pid = _pid(folder)
+    if pid is None:
         return RunStatus(RunPhase.MISSING)
-    pid = int(pid_file.read_text())
     ended = exit_file.exists() or not _alive(pid)
     if not ended:
         return RunStatus(RunPhase.RUNNING)

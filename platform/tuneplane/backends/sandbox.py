@@ -1,12 +1,14 @@
 """The local backend's sandbox: bubblewrap around each job's training process, so that code running in a job
 (a library bug, a team's trick) sees only what the job may see.
 
-Inside, the machine is read-only; the platform's state folder is replaced by an empty one holding only what
-this job writes (its own job folder, its run and model folders, its team's cache, the local MLflow store); every
-other team's data roots are hidden and the job's own roots shown again read-only; the platform's tokens file
-and config are hidden; the job has its own PID namespace (no other process is visible, none outlives the
-sandbox) and dies with the runner that started it. What the job could still reach is listed in
-docs/operations.md (the network, shared data roots, the platform's one storage identity).
+Inside, the machine is read-only, /tmp and /run are its own; the platform's state folder is replaced by an empty
+one holding only this job's folder (read-only: its control files are the runner's and the API's) with its `work`
+folder, its run and model folders, its team's cache and the local MLflow store (read-write); every other job's
+run folders and other teams' artifacts and data roots are hidden, and what the job's spec reads shown again
+read-only; the platform's private files (config, tokens file, SQLite database) read empty; the job has its own
+PID namespace (no other process is visible, none outlives the sandbox) and dies with the runner that started
+it. What the job could still reach is listed in docs/operations.md (the network, shared data roots, the
+platform's one storage identity, a local SQLite MLflow's other runs).
 
 `plan` decides what to show; `bwrap_args` writes it as bubblewrap's command line; `problem` says why a sandbox
 cannot run here (no bubblewrap, a kernel without user namespaces, a state folder of an older layout), which the
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import ConfigError
-from tuneplane.files import Confinement
-from tuneplane.home import Home, run_folders
+from tuneplane.files import Confinement, resolved
+from tuneplane.home import Home, run_folders, sqlite_path
 from tuneplane.spec import TuningSpec, is_local_path, static_prefix
 
 TEMP = Path("/tmp")  # private to each sandbox (Ray's session files live there)
+WORK = "work"  # the one folder of its job folder a job writes (its working directory)
+SYSTEM_SOCKETS = ("/run", "/var/run")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Plan:
     hidden: tuple[Path, ...]
     reshown: tuple[Path, ...]
     state: Path
+    readonly: tuple[Path, ...]
     writable: tuple[Path, ...]
     hidden_files: tuple[Path, ...] = field(default=())
     empty: Path = Path("/dev/null")  # an empty file of the platform's, read in place of each hidden file
@@ -49,36 +54,39 @@ def plan(config: PlatformConfig, job_id: str, team: str, spec: TuningSpec) -> Pl
     """The sandbox of job `job_id` of `team` running `spec` under `config` (folders it writes are created
     here)."""
     home = Home(config.home)
-    writable = [home.jobs / job_id, home.team_cache(team)]
-    if is_local_path(config.storage_path):
+    job = home.jobs / job_id
+    # The job folder's control files (pid, exit code, log, spec) are the runner's and the API's: the job reads
+    # them, and writes only its work folder inside.
+    writable = [job / WORK, home.team_cache(team)]
+    hidden: set[Path] = set()
+    if is_local_path(config.storage_path):  # every job's checkpoints and models: only its own are there
         writable += run_folders(config.storage_path, job_id)
+        hidden.add(resolved(config.storage_path))
     store = _mlflow_store(config)
     if store is not None:
         writable.append(store)
-    if is_local_path(config.artifact_root) and not config.tracking_uri.startswith(("http://", "https://")):
-        writable.append(Path(config.artifact_root).expanduser())
+    artifacts = _local(config.artifact_root)
+    if artifacts is not None and not config.tracking_uri.startswith(("http://", "https://")):
+        writable.append(artifacts / team)  # the team's experiments keep their artifacts here (tracking.py)
+        hidden.add(resolved(artifacts))
     own = config.team(team)
     readable = config.confinement(own).roots if own is not None else ()
     others = {root for t in config.teams if t.name != team for root in config.confinement(t).roots}
-    hidden = sorted(others - set(readable))
-    hidden_files = [Path(p) for p in (config.auth.tokens_file, os.environ.get("TUNEPLANE_CONFIG")) if p]
-    database = _sqlite_path(config.database_url)
-    if database is not None:
-        hidden_files += [
-            database,
-            *(database.with_name(database.name + s) for s in ("-journal", "-wal", "-shm")),
-        ]
+    hidden |= others - set(readable)
+    # Host services' sockets (the user's D-Bus and systemd, a Docker socket) would reach outside the sandbox.
+    hidden |= {p for p in map(Path, SYSTEM_SOCKETS) if p.is_dir() and not p.is_symlink()}
     for folder in writable:
         folder.mkdir(parents=True, exist_ok=True)
     empty = home.root / ".empty"  # what a hidden file reads as
     empty.touch()
     return Plan(
-        hidden=tuple(hidden),
+        hidden=tuple(sorted(hidden)),
         reshown=_reshown(spec, config.confinement(own) if own is not None else None, [*hidden, TEMP]),
-        state=_real(home.root),
-        writable=tuple(_real(p) for p in writable),
-        hidden_files=tuple(_real(p) for p in hidden_files if p.exists()),
-        empty=_real(empty),
+        state=resolved(home.root),
+        readonly=(resolved(job),),
+        writable=tuple(resolved(p) for p in writable),
+        hidden_files=tuple(resolved(p) for p in config.private_files() if p.exists()),
+        empty=resolved(empty),
     )
 
 
@@ -92,7 +100,7 @@ def _reshown(spec: TuningSpec, confinement: Confinement | None, covered: list[Pa
             continue
         prefix = static_prefix(os.path.expanduser(location))
         if confinement.allows_path(prefix):
-            real = _real(Path(prefix))
+            real = resolved(Path(prefix))
             inside = any(c in real.parents for c in covered)
             # Never a folder holding a covered one (a glob over all of /tmp): that would show it again.
             if inside and not any(real == c or real in c.parents for c in covered):
@@ -103,13 +111,15 @@ def _reshown(spec: TuningSpec, confinement: Confinement | None, covered: list[Pa
 def bwrap_args(sandbox: Plan, workdir: Path) -> list[str]:
     """bubblewrap's command line for `sandbox` (the command to run follows it). Mounts apply in order, each on
     top of the ones before: the machine read-only; other teams' roots hidden, the team's own shown again; the
-    state folder hidden; the job's own folders read-write; hidden files."""
+    state folder hidden; the job folder read-only and the job's own folders read-write; hidden files."""
     args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", str(TEMP)]
     for folder in sandbox.hidden:
         args += ["--tmpfs", str(folder)]
     for folder in sandbox.reshown:
         args += ["--ro-bind-try", str(folder), str(folder)]
     args += ["--tmpfs", str(sandbox.state)]
+    for folder in sandbox.readonly:
+        args += ["--ro-bind", str(folder), str(folder)]
     for folder in sandbox.writable:
         args += ["--bind", str(folder), str(folder)]
     for file in sandbox.hidden_files:
@@ -128,9 +138,9 @@ def problem(config: PlatformConfig) -> str | None:
         return (
             "bubblewrap cannot start a sandbox here (user namespaces disabled, or a container without them)"
         )
-    home = _real(Home(config.home).root)
+    home = resolved(Home(config.home).root)
     for what, folder in (("database", _mlflow_store(config)), ("artifacts", _local(config.artifact_root))):
-        if folder is not None and (home == _real(folder) or _real(folder) in home.parents):
+        if folder is not None and (home == resolved(folder) or resolved(folder) in home.parents):
             return (
                 f"the local MLflow {what} lies in the state folder itself ({folder}, an older layout): move "
                 f"mlflow.db into {home / 'mlflow'} (docs/operations.md), or use a new home"
@@ -162,23 +172,12 @@ def check_isolation(config: PlatformConfig) -> str | None:
 
 def _mlflow_store(config: PlatformConfig) -> Path | None:
     """The folder of a local MLflow database, which jobs write."""
-    database = _sqlite_path(config.tracking_uri)
+    database = sqlite_path(config.tracking_uri)
     return database.parent if database is not None else None
-
-
-def _sqlite_path(url: str) -> Path | None:
-    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
-        if url.startswith(prefix):
-            return Path(url.removeprefix(prefix)).expanduser()
-    return None
 
 
 def _local(location: str) -> Path | None:
     return Path(location).expanduser() if location and is_local_path(location) else None
-
-
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(path))
 
 
 @functools.cache

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tuneplane.config._strict import Strict
 from tuneplane.config.kuberay import KubeRayBackend
 from tuneplane.errors import ConfigError
 from tuneplane.files import Confinement
-from tuneplane.home import DEFAULT_HOME, Home, default_home
+from tuneplane.home import DEFAULT_HOME, Home, default_home, sqlite_path
 from tuneplane.quantity import check_quantity, quantity_bytes
 
 
@@ -182,6 +182,12 @@ class ApiLimits(Strict):
     validation_processes: int = Field(
         2, ge=1, le=64, description="Worker processes running validations' data preflights (niced)."
     )
+    validation_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        le=3600,
+        description="A validation answering no sooner is stopped (its workers killed): 503.",
+    )
     stream_threads: int = Field(64, ge=1, description="Threads for log streams, apart from quick requests.")
 
 
@@ -232,6 +238,7 @@ class PlatformConfig(Strict):
     max_request_bytes: int = Field(1 << 20, gt=0)
     limits: ApiLimits = Field(default_factory=ApiLimits)
     auto_migrate: bool = Field(True, description="Apply database migrations at start.")
+    _source: Path | None = PrivateAttr(None)  # the file this config was read from (`private_files`)
 
     @field_validator("teams")
     @classmethod
@@ -255,6 +262,11 @@ class PlatformConfig(Strict):
             raise ValueError(
                 "tracking_auth: the kuberay backend needs kuberay.tracking_secret (team credentials)"
             )
+        if self.backend == "local" and len(self.teams) > 1 and self.data_roots is None:
+            raise ValueError(
+                "data_roots: several teams share the local backend; say which folders they all may read (the "
+                "default, the user's home folder and the server's, would give every team the API user's files)"
+            )
         known = set(self.gpu_pools)
         for team in self.teams:
             unknown = set(team.gpu_pools) - known
@@ -277,9 +289,21 @@ class PlatformConfig(Strict):
 
     def confinement(self, team: Team) -> Confinement:
         """Where a team's local files may lie: its data roots, never the platform's own state folder (tokens,
-        other teams' jobs and artifacts). The API checks with it; the local backend hands it to the team's
-        jobs, whose every open checks it on the descriptor (`tuneplane.files`)."""
-        return Confinement.of(self.readable_roots(team), [self.home])
+        other teams' jobs and artifacts) or its private files. The API checks with it; the local backend hands
+        it to the team's jobs, whose every open checks it on the descriptor (`tuneplane.files`)."""
+        return Confinement.of(self.readable_roots(team), [self.home, *self.private_files()])
+
+    def private_files(self) -> list[Path]:
+        """Files of the platform no team may read wherever they lie: this config file, the tokens file, and a
+        SQLite database (with its journal files)."""
+        files = [p for p in (self._source, self.auth.tokens_file) if p is not None]
+        database = sqlite_path(self.database_url)
+        if database is not None:
+            files += [
+                database,
+                *(database.with_name(database.name + s) for s in ("-journal", "-wal", "-shm")),
+            ]
+        return [Path(p).expanduser() for p in files]
 
     def token_entries(self) -> list[TokenEntry]:
         """`auth.tokens` plus the tokens file as it is now (ConfigError when that file is malformed)."""
@@ -308,7 +332,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data["database_url"] = os.environ["TUNEPLANE_DATABASE_URL"]
     data.update(overrides or {})
     try:
-        return PlatformConfig.model_validate(data)
+        config = PlatformConfig.model_validate(data)
     except ValidationError as exc:
         problems = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
         raise ConfigError(problems, source) from None
+    config._source = Path(path).resolve() if path else None
+    return config

@@ -138,7 +138,13 @@ def _list(uri: str) -> _Folder:
             paths = (p for p in fs.find(root) if fs.isfile(p))
         names = []
         for path in paths:
-            names.append(path[len(root) :].lstrip("/"))
+            name = path[len(root) :].lstrip("/")
+            normal = posixpath.normpath(name)
+            if (
+                normal != name or normal == ".." or normal.startswith(("../", "/"))
+            ):  # an object key `a/../../x`
+                raise DataError(uri, f"{clip(name, 200)}: not a plain path inside the tasks folder")
+            names.append(name)
             if len(names) > MAX_FILES:
                 raise DataError(uri, f"more than {MAX_FILES} files in the tasks folder")
     except NotAllowed:
@@ -221,9 +227,13 @@ def _rules(node: Any, name: str, files: set[str], path: str = "") -> Iterator[tu
 def _key_rule(key: str, value: Any, name: str, files: set[str]) -> Iterator[str]:
     if key in _REFUSED_KEYS:
         yield _REFUSED_KEYS[key]
-    elif key == "include":
+    elif key == "include":  # only task files of the folder, each checked here (lm-eval runs their tags)
+        yamls = {f for f in files if f.endswith(_YAML)}
         for item in value if isinstance(value, list) else [value]:
-            yield from _within(item, posixpath.dirname(name), files, "an included task file")
+            if isinstance(item, str) and not item.endswith(_YAML):
+                yield f"{clip(item, 200)}: an include names a task file (*.yaml) of the folder"
+                continue
+            yield from _within(item, posixpath.dirname(name), yamls, "an included task file")
     elif key == "dataset_path" and value not in LOCAL_LOADERS:
         yield (
             f"{clip(repr(value), 100)}: only local files are read here (dataset_path: {', '.join(LOCAL_LOADERS)}, "

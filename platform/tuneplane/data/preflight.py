@@ -163,19 +163,13 @@ def preflight(
     time budget (and a budget of decompressed bytes read, `max_read_bytes`), sources not read through within
     it are reported as such (`time_limited`), not as errors; the budget holds inside a record too.
     `quality=False` leaves out the duplicate and contamination figures (the benchmark's baseline)."""
-    with read_budget(max_read_bytes, time_budget_s):
-        return _preflight(spec, tokenizer, max_records, samples, time_budget_s, quality)
+    with read_budget(max_read_bytes, time_budget_s) as budget:
+        return _preflight(spec, tokenizer, max_records, samples, budget.deadline, quality)
 
 
 def _preflight(
-    spec: TuningSpec,
-    tokenizer: Any,
-    max_records: int | None,
-    samples: int,
-    time_budget_s: float | None,
-    quality: bool,
+    spec: TuningSpec, tokenizer: Any, max_records: int | None, samples: int, deadline: float, quality: bool
 ) -> PreflightReport:
-    deadline = time.monotonic() + time_budget_s if time_budget_s is not None else float("inf")
     data, seed = spec.data, spec.hyperparameters.seed
     evals = [*data.eval_sources, *spec.eval.zero_shot_sources]
     scan = QualityScan(data) if quality else None

@@ -288,14 +288,13 @@ def _read_parquet(uri: str, start_line: int, required_columns: tuple[str, ...]) 
                 )
             row, budget = 0, _BUDGET.get()
             for group in range(parquet.num_row_groups):
-                meta = parquet.metadata.row_group(group)
-                group_rows = meta.num_rows
+                group_rows = parquet.metadata.row_group(group).num_rows
                 if row + group_rows <= start_line:  # resume: skip whole row groups without reading them
                     row += group_rows
                     continue
-                if budget is not None:  # a row group is decompressed whole: charged before it is read
-                    budget.charge(meta.total_byte_size)
                 for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group]):
+                    if budget is not None:  # what was really decompressed, not what the file says it holds
+                        budget.charge(batch.nbytes)
                     for item in batch.to_pylist():
                         row += 1
                         if row > start_line:
