@@ -80,8 +80,13 @@ def test_config_check_names_the_field(tmp_path: Path) -> None:
     )
     out = runner.invoke(app, ["config", "check", str(bad)])
     assert out.exit_code == 2 and "teams.0.quota.max_gpus" in out.output and "Traceback" not in out.output
+    # Several teams on the local backend must say which folders they may read (issue 20).
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump({"teams": [{"name": "a"}, {"name": "b"}]}))
+    out = runner.invoke(app, ["config", "check", str(shared)])
+    assert out.exit_code == 2 and "data_roots" in out.output and "Traceback" not in out.output
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"teams": [{"name": "a"}, {"name": "b"}]}))
+    good.write_text(yaml.safe_dump({"teams": [{"name": "a"}, {"name": "b"}], "data_roots": [str(tmp_path)]}))
     out = runner.invoke(app, ["config", "check", str(good)])
     assert out.exit_code == 0 and "teams a, b" in out.output
     schema = runner.invoke(app, ["config", "schema"])

@@ -34,8 +34,13 @@ class LoopbackCluster:
         from tuneplane.raylocal import use_loopback
 
         use_loopback()  # every node on 127.0.0.1 only, one token for the cluster
+        from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 
+        # Ray's Cluster writes the head's address into the default temp folder (/tmp/ray) whatever the nodes'
+        # own temp_dir, and fails where no Ray ever ran outside a sandbox (a fresh machine: local jobs keep
+        # their Ray in a private /tmp).
+        Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.nodes: list[LoopbackNode] = []
         # No exit hooks: they install signal handlers, which would forbid adding a node from a thread (a test
