@@ -1,6 +1,6 @@
 """Load on the job API over real HTTP: create, list and get latency under concurrent clients.
 
-    python bench/api_load.py [--db sqlite|postgresql|both] [--clients 50] [--requests 20] [--pace 2]
+    python bench/api_load.py [--db sqlite|postgresql|both] [--clients 50] [--requests 20] [--pace 2] [--quick]
 
 For each database (SQLite in a tmp file; PostgreSQL in a temporary database on the local server, dropped at
 the end) the API runs under uvicorn in a subprocess on a free loopback port, without the reconciler (nothing
@@ -84,7 +84,9 @@ def api_server(db_url: str, home: Path, token: str):
     overrides = {
         "home": str(home),
         "database_url": db_url,
-        "teams": [{"name": "bench", "quota": {"max_concurrent_jobs": 1000}}],
+        # Nothing is ever submitted (no reconciler), so every job created stays waiting: the bench's team may
+        # hold them all (the default max_waiting_jobs, 100, would refuse the 101st with 429).
+        "teams": [{"name": "bench", "quota": {"max_concurrent_jobs": 1000, "max_waiting_jobs": 1_000_000}}],
         "auth": {"tokens": [{"sha256": hash_token(token), "team": "bench", "role": "member"}]},
     }
     port = free_port()
@@ -164,12 +166,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=20, help="rounds per client")
     parser.add_argument("--pace", type=float, default=2.0, help="seconds between a client's rounds; 0: none")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 clients x 3 rounds, back to back: a smoke run, not a measurement",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve, args.port)
 
+    if args.quick:
+        args.clients, args.requests, args.pace = 4, 3, 0.0
     from tuneplane.spec import load_spec
 
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()

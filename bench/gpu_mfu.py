@@ -4,7 +4,7 @@ The platform path end to end (`tuneplane.train.run`: Ray Train, DeepSpeed ZeRO-2
 worker on one GPU. MFU = 6N (full) or 4N (LoRA) FLOPs per token against the device's dense bf16 peak; the
 recipe computes it per step, this script reports the median after warm-up. Goal (issue #3): >= 45% full.
 
-    python bench/gpu_mfu.py [--steps 40] [--tiny]     # --tiny: a small model, to smoke-test on CPU
+    python bench/gpu_mfu.py [--steps 40] [--tiny] [--quick]   # --tiny: a small model on CPU; --quick: and 7 steps
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--tiny", action="store_true", help="small model and rows: a CPU smoke run")
+    parser.add_argument("--quick", action="store_true", help="--tiny, 7 steps: a smoke run, not a figure")
     args = parser.parse_args()
+    if args.quick:
+        args.tiny, args.steps = True, WARMUP + 2  # medians need steps past the warm-up
     import ray
     import torch
 
@@ -115,7 +118,7 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="tuneplane-mfu-") as tmp:
         work = Path(tmp)
-        data = make_dataset(work, 4000 if args.tiny else 40000)
+        data = make_dataset(work, 1000 if args.quick else 4000 if args.tiny else 40000)
         tokenizer = make_tokenizer(work, data)
         n_params = build_model(work / "model", tokenizer, TINY if args.tiny else ONE_B)
         ray.init(include_dashboard=False, log_to_driver=False)

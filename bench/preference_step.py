@@ -5,7 +5,7 @@ full fine-tuning a frozen copy (train/reference.py), whose weights the table's l
 reference costs no more than one extra forward (DPO / SFT <= ~1.5, a forward being about a third of a step).
 Precomputing would save only that forward, at the price of a pass over the data before training.
 
-    python bench/preference_step.py [--model build/tiny-llama] [--repeats 15]
+    python bench/preference_step.py [--model build/tiny-llama] [--repeats 15] [--quick]
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=REPO / "build" / "tiny-llama")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 2
     table = Table(
         "method", "step", "fastest ms", "median ms", "vs SFT (median)", "reference weights MB",
         title=f"{ROWS} rows x {WIDTH} tokens, CPU",

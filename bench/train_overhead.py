@@ -7,7 +7,7 @@
 2. model-state bytes (parameters + fp32 master copies + optimizer state) held per rank with 2 workers, ZeRO-3 vs
    ZeRO-0 (gradients are transient and left out).
 
-    python bench/train_overhead.py [--steps 30]
+    python bench/train_overhead.py [--steps 30] [--quick]
 """
 
 from __future__ import annotations
@@ -172,7 +172,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="10 steps of a ~2M-parameter model: a smoke run, not a measurement",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.steps = 2 * WARMUP  # metrics every 5 steps: one window past the warm-up
     import ray
 
     from tuneplane.devtools.tiny import build_model, build_tokenizer
@@ -180,9 +187,10 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="tuneplane-bench-") as tmp:
         work = Path(tmp)
-        with console.status("building a ~17M-parameter Llama"):
+        with console.status("building the Llama"):
             tokenizer = build_tokenizer(work / "model")
-            model = build_model(work / "model", tokenizer, hidden_size=512, layers=4)
+            hidden, layers = (128, 2) if args.quick else (512, 4)
+            model = build_model(work / "model", tokenizer, hidden_size=hidden, layers=layers)
             n_params = sum(p.numel() for p in model.parameters())
             del model
         ray.init(num_cpus=THREADS + 2, include_dashboard=False, log_to_driver=False)
