@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.support.config import REPO, platform_config
-from tuneplane.admission import policy_problems
+from tuneplane.control.admission import policy_problems
 from tuneplane.errors import PretrainedError, SpecError
 from tuneplane.pretrained import fetch_adapter
 from tuneplane.spec import TuningSpec, adapter_is_job_id, load_spec, parse_spec
@@ -49,12 +49,15 @@ def _spec(tiny_dir: Path, method: dict[str, Any] | None = None, **model: Any) ->
 
 
 def _register(spec: TuningSpec, job_id: str, adapter: Path, tmp_path: Path, tracking: str) -> str | None:
-    from tuneplane.tracking import JobRun
+    from tuneplane.publishing.publish import publish
+    from tuneplane.tracking.run import JobRun
 
     model_dir = tmp_path / job_id
     shutil.copytree(adapter, model_dir)
     run = JobRun.start(spec, job_id, tracking, str(tmp_path / "artifacts"), team="alpha")
-    return run.finish(spec, job_id, model_dir, FINAL).model_uri
+    published = publish(spec, job_id, run, model_dir, FINAL)
+    run.finish()
+    return published.model_uri
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
+from tests.support.backends import RECORDING
 from tests.support.config import DATA, REPO, TOKENS, bearer, platform_config
 from tuneplane.api import create_app
 from tuneplane.backends import BackendJob, RunPhase, RunStatus
@@ -183,6 +184,7 @@ class _IdleBackend:
     """Accepts jobs and runs nothing: the reconciler may schedule, nothing trains."""
 
     name = "stub"
+    capabilities = RECORDING
 
     def submit(self, job: BackendJob) -> None:
         pass

@@ -159,7 +159,7 @@ def test_a_model_folder_of_symlinks_out_is_refused(
     tenants: dict[str, Path],
     tiny_dir: Path,
 ) -> None:
-    from tuneplane.admission import not_readable, reachability_problems
+    from tuneplane.control.admission import not_readable, reachability_problems
     from tuneplane.spec import parse_spec
 
     model = _symlinked_model(tenants, tiny_dir)
@@ -198,7 +198,7 @@ def test_validate_never_answers_with_a_swapped_in_file(tenants: dict[str, Path])
 
 
 def test_a_fifo_as_data_holds_no_request(api: TestClient, tenants: dict[str, Path]) -> None:
-    from tuneplane.admission import not_readable
+    from tuneplane.control.admission import not_readable
 
     fifo = tenants["alpha"] / "pipe.jsonl"
     os.mkfifo(fifo)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tuneplane.gate import base_key, check, fmt, headline
+from tuneplane.publishing.gate import base_key, check, fmt, headline
 from tuneplane.spec import GateSpec
 
 FINAL: dict[str, Any] = {

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from tests.support.backends import RecordingBackend
 from tests.support.config import REPO
 from tests.support.tenants import ALPHA, BETA, FAST_S, RECORD, confined_config, refused, spec_reading
-from tuneplane.admission import not_readable
 from tuneplane.api import create_app
-from tuneplane.reconciler import Reconciler
+from tuneplane.control.admission import not_readable
+from tuneplane.control.reconciler import Reconciler
 from tuneplane.spec import TuningSpec, load_spec
 from tuneplane.store import Database, Job, Principal, create_job
 
@@ -97,7 +97,8 @@ def test_a_team_publishes_only_under_its_own_names(tmp_path: Path) -> None:
     """Team A naming team B's model publishes into A's own namespace, never into B's."""
     from mlflow import MlflowClient
 
-    from tuneplane.tracking import JobRun, experiment_name, registered_model_name
+    from tuneplane.tracking.run import JobRun
+    from tuneplane.tracking.tags import experiment_name, registered_model_name
 
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
     assert registered_model_name(spec, "alpha") == "alpha.tiny-cpu-adapter"
@@ -250,7 +251,7 @@ def test_a_team_at_quota_with_a_long_queue_blocks_no_one(tenants: dict[str, Path
 def test_a_slow_lookup_holds_up_no_other_team(
     tenants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tuneplane.reconciler as reconciler_module
+    import tuneplane.control.reconciler as reconciler_module
 
     release = threading.Event()
     real = reconciler_module.reachability_problems
@@ -377,8 +378,8 @@ def test_the_embedded_default_reads_the_users_folders(
     tenants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no data roots configured: the user's home folder and the folder the server started in."""
-    from tuneplane.admission import policy_problems
     from tuneplane.config import load_config
+    from tuneplane.control.admission import policy_problems
 
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml")
     monkeypatch.setenv("HOME", str(tenants["home"]))
@@ -454,7 +455,7 @@ def test_a_gzip_bomb_is_cut_at_the_read_budget(api: TestClient, tenants: dict[st
     """One line of 1 GiB, 1 MB compressed: a dry run once read it through for 34 s, past its 30 s budget."""
     import gzip
 
-    from tuneplane.admission import PREFLIGHT_READ_BYTES
+    from tuneplane.control.admission import PREFLIGHT_READ_BYTES
 
     bomb = tenants["alpha"] / "bomb.jsonl.gz"
     chunk = b"a" * (64 << 20)

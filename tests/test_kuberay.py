@@ -933,7 +933,7 @@ def test_control_plane_on_kuberay_follows_by_watch_and_cancels(
     kube_api: KubeApiServer, backend: KubeRayBackend, tmp_path: Path
 ) -> None:
     """The reconciler drives RayJobs in the team's namespace; a watch event wakes it; cancel removes the RayJob."""
-    from tuneplane.reconciler import Reconciler
+    from tuneplane.control.reconciler import Reconciler
     from tuneplane.store import Database, Principal, cancel_job, create_job
 
     db = Database(f"sqlite:///{tmp_path / 'cp.db'}")

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from tests.support.config import H100_NODE, REPO, bearer, platform_config
-from tuneplane.admission import policy_problems
 from tuneplane.api import create_app
 from tuneplane.cli import app
+from tuneplane.control.admission import policy_problems
 from tuneplane.memory import KNOWN_SHAPES, ModelShape, checkpointing_enabled, estimate, find_shape, fits
 from tuneplane.quantity import quantity_bytes
 from tuneplane.spec import TuningSpec, load_spec, parse_spec

@@ -16,9 +16,11 @@ from tests.support.backends import RecordingBackend
 from tests.support.config import REPO
 from tests.support.mlflow_server import ADMIN, mlflow_server
 from tests.support.tenants import ALPHA, confined_config, spec_reading
-from tuneplane import mlflow_auth
 from tuneplane.spec import parse_spec
-from tuneplane.tracking import JobRun, claim_names, experiment_name
+from tuneplane.tracking import auth as mlflow_auth
+from tuneplane.tracking.registry import claim_names
+from tuneplane.tracking.run import JobRun
+from tuneplane.tracking.tags import experiment_name
 
 ADMIN_ENV = {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
 
@@ -73,7 +75,7 @@ def test_a_team_writes_only_its_own_experiments_and_models(as_admin: str, monkey
     beta = _as("beta", monkeypatch, url)
     _refused(lambda: beta.create_run(experiment.experiment_id))
     _refused(lambda: beta.log_metric(run.run_id, "loss", 9.0))
-    _refused(lambda: beta.set_tag(run.run_id, "tuneplane.gate", "passed"))
+    _refused(lambda: beta.set_tag(run.run_id, "tuneplane.publishing.gate", "passed"))
     _refused(lambda: beta.create_model_version("alpha.tiny-adapter", source=source, run_id=run.run_id))
     _refused(lambda: beta.get_experiment(experiment.experiment_id))
     _refused(lambda: beta.get_registered_model("alpha.tiny-adapter"))

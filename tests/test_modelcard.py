@@ -17,8 +17,8 @@ from tests.support.config import REPO, platform_config
 from tuneplane.backends.base import RunPhase, RunStatus
 from tuneplane.data.formats import Conversation, Message
 from tuneplane.data.templates import SegmentTokenizer, chat_template, render
-from tuneplane.gate import base_number, headline
 from tuneplane.generation import prompt_ids
+from tuneplane.publishing.gate import base_number, headline
 from tuneplane.spec import TuningSpec, load_spec
 
 SOURCES = [
@@ -83,12 +83,15 @@ def _spec(tiny_dir: Path, gate: dict[str, Any] | None, tmp_path: Path) -> Tuning
 
 
 def _publish(spec: TuningSpec, job_id: str, adapter: Path, tmp_path: Path, tracking: str) -> Any:
-    from tuneplane.tracking import JobRun
+    from tuneplane.publishing.publish import publish
+    from tuneplane.tracking.run import JobRun
 
     model_dir = tmp_path / "model"
     shutil.copytree(adapter, model_dir)
     run = JobRun.start(spec, job_id, tracking, str(tmp_path / "artifacts"), team="alpha")
-    return run.finish(spec, job_id, model_dir, FINAL, FIGURES), run.run_id
+    published = publish(spec, job_id, run, model_dir, FINAL, FIGURES)
+    run.finish()
+    return published, run.run_id
 
 
 def _table(card: str, section: str) -> dict[str, list[str]]:
@@ -107,7 +110,7 @@ def test_a_passing_gate_registers_the_version_with_its_card(
     from mlflow import MlflowClient
 
     from tuneplane.api.schemas import ModelVersionOut
-    from tuneplane.tracking import gate_verdict, model_versions
+    from tuneplane.tracking.registry import gate_verdict, model_versions
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _spec(tiny_dir, PASSING, tmp_path)
@@ -140,7 +143,7 @@ def test_a_passing_gate_registers_the_version_with_its_card(
     ]  # fmt: skip
 
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["tuneplane.gate"] == "passed"
+    assert run.info.status == "FINISHED" and run.data.tags["tuneplane.publishing.gate"] == "passed"
     assert run.data.tags["tuneplane.data.duplicates_dropped"] == "10"
     assert run.data.tags["tuneplane.data.contaminated_eval"] == "2"
     assert run.data.metrics["data/dropped"] == 12 and run.data.metrics["lm_eval/boolq"] == 0.7
@@ -167,9 +170,9 @@ def test_a_failed_gate_logs_the_model_but_registers_nothing_and_says_why(
 ) -> None:
     from mlflow import MlflowClient
 
-    from tuneplane.reconciler import Reconciler
+    from tuneplane.control.reconciler import Reconciler
     from tuneplane.store import Database, Job, Principal, create_job
-    from tuneplane.tracking import gate_verdict, model_versions
+    from tuneplane.tracking.registry import gate_verdict, model_versions
 
     config = platform_config(tmp_path, f"sqlite:///{tmp_path / 'tuneplane.db'}")
     db = Database(config.database_url)
@@ -191,8 +194,8 @@ def test_a_failed_gate_logs_the_model_but_registers_nothing_and_says_why(
     assert client.search_registered_models() == [] and model_versions(config.tracking_uri) == []
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["tuneplane.gate"] == "failed"
-    assert run.data.tags["tuneplane.gate.failures"].splitlines() == failures
+    assert run.data.tags["tuneplane.publishing.gate"] == "failed"
+    assert run.data.tags["tuneplane.publishing.gate.failures"].splitlines() == failures
     assert gate_verdict(config.tracking_uri, job_id) == {
         "status": "failed", "passed": False, "failures": failures, "run_id": run_id,
     }  # fmt: skip
@@ -213,7 +216,7 @@ def test_a_failed_gate_logs_the_model_but_registers_nothing_and_says_why(
 
 
 def test_no_gate_registers_and_says_none(tiny_dir: Path, adapter: Path, tmp_path: Path) -> None:
-    from tuneplane.tracking import model_versions
+    from tuneplane.tracking.registry import model_versions
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _spec(tiny_dir, None, tmp_path)
@@ -223,10 +226,11 @@ def test_no_gate_registers_and_says_none(tiny_dir: Path, adapter: Path, tmp_path
 
 
 def test_without_tracking_the_gate_is_still_checked(tiny_dir: Path, adapter: Path, tmp_path: Path) -> None:
-    from tuneplane.tracking import JobRun
+    from tuneplane.publishing.publish import publish
+    from tuneplane.tracking.run import JobRun
 
     spec = _spec(tiny_dir, IMPOSSIBLE, tmp_path)
-    published = JobRun().finish(spec, "offline", adapter, FINAL)
+    published = publish(spec, "offline", JobRun(), adapter, FINAL)
     assert published.model_uri is None and published.verdict.status == "failed"
 
 
@@ -309,8 +313,8 @@ def _with_template(tokenizer: Any, template: str | None) -> Any:
 
 
 def test_a_card_past_the_registry_limit_is_described_without_the_template_source(tiny_dir: Path) -> None:
-    from tuneplane import gate, modelcard
-    from tuneplane.publish import _description
+    from tuneplane.publishing import gate, modelcard
+    from tuneplane.publishing.publish import _description
 
     spec = _spec(tiny_dir, PASSING, tiny_dir)
     verdict = gate.check(spec.eval.gate, FINAL)

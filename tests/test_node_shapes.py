@@ -10,11 +10,11 @@ import pytest
 from tests.support.config import H100_NODE, REPO
 from tests.support.manifests import load_crd_schema, schema_errors
 from tests.test_kuberay import CRD, H100, make_config
-from tuneplane.admission import policy_problems
 from tuneplane.backends.base import BackendJob
 from tuneplane.backends.kuberay import render_rayjob
 from tuneplane.backends.kuberay_pods import node_groups
 from tuneplane.config import GpuPool, PlatformConfig, load_config
+from tuneplane.control.admission import policy_problems
 from tuneplane.errors import BackendError, ConfigError
 from tuneplane.spec import DistributedSpec, TuningSpec, load_spec, parse_spec
 

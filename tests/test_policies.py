@@ -6,7 +6,7 @@ import pytest
 
 from tuneplane.backends.base import RunPhase, RunStatus
 from tuneplane.config import Quota
-from tuneplane.policies import WAIT, Outcome, decide, fits_quota, queue_places
+from tuneplane.control.policies import WAIT, Outcome, decide, fits_quota, queue_places
 from tuneplane.states import ACTIVE, ALLOWED, JobState
 
 S, P = JobState, RunPhase

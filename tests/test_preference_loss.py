@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tuneplane.data.templates import IGNORE_INDEX
-from tuneplane.spec import ReferenceKind, dpo_reference, parse_spec
+from tuneplane.spec import ReferenceKind, parse_spec
 from tuneplane.train import reference as reference_model
 from tuneplane.train.builders import load_model
 from tuneplane.train.checkpointing import _write_model
@@ -174,7 +174,7 @@ def test_which_reference_each_method_gets() -> None:
         (FullMethod(), False, None),
     ]
     for method, from_adapter, kind in table:
-        assert dpo_reference(method, starts_from_adapter=from_adapter) == kind, (method, from_adapter)
+        assert method.reference_kind(starts_from_adapter=from_adapter) == kind, (method, from_adapter)
 
 
 def test_adapter_disabled_reference_is_the_base_model_without_gradients(tiny_dir, tokenizer) -> None:

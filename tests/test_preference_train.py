@@ -91,7 +91,7 @@ def test_orpo_then_dpo_from_its_adapter_and_full_dpo_under_zero3_each_start_at_t
     records its parent; full DPO under ZeRO-3 holds a frozen partitioned copy (ln 2 again) and learns."""
     import mlflow
 
-    from tuneplane.tracking import PARENT_TAG
+    from tuneplane.tracking.tags import PARENT_TAG
 
     short = {"hyperparameters.max_steps": 40, "checkpointing.every_n_steps": 1000, "eval.gate": None}
     settings = _settings(tmp_path, "orpo")

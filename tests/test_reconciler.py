@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.support.backends import RecordingBackend
+from tests.support.backends import RECORDING, RecordingBackend
 from tests.support.config import REPO, platform_config
 from tuneplane.backends.base import RunPhase, RunStatus
-from tuneplane.reconciler import Reconciler
+from tuneplane.control.reconciler import Reconciler
 from tuneplane.spec import load_spec
 from tuneplane.store import Database, Job, Principal, cancel_job, create_job
 
@@ -103,7 +104,7 @@ def test_higher_priority_teams_go_first_and_a_full_team_does_not_block_others(tm
     db = Database(db_url)
     db.migrate()
     backend = RecordingBackend()
-    backend.name = "local"  # the local backend has a machine-wide limit (2 here)
+    backend.capabilities = replace(RECORDING, max_concurrent_jobs=2)  # a machine-wide limit, as local has
     rec = Reconciler(db, backend, config)
     a1, a2 = submit(db, ALPHA, spec, priority=0), submit(db, ALPHA, spec, priority=0)
     b1, b2, b3 = (submit(db, BETA, spec, priority=10) for _ in range(3))

@@ -397,7 +397,7 @@ def test_a_finished_lookup_is_recorded_even_if_another_replica_held_the_row() ->
     from sqlalchemy import select
 
     from tuneplane.backends.base import Backend
-    from tuneplane.reconciler import Reconciler
+    from tuneplane.control.reconciler import Reconciler
     from tuneplane.spec import parse_spec
     from tuneplane.store import Database, Job, Principal, create_job
 

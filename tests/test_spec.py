@@ -280,9 +280,9 @@ def test_preference_pairs_and_preference_methods_go_together() -> None:
 
 
 def test_weights_trained_is_the_one_answer_for_every_method() -> None:
-    from tuneplane.spec import DpoMethod, FullMethod, LoraMethod, OrpoMethod, weights_trained
+    from tuneplane.spec import DpoMethod, FullMethod, LoraMethod, OrpoMethod
 
     lora = LoraMethod(r=4)
-    assert weights_trained(lora) is lora
-    assert weights_trained(DpoMethod(lora=lora)) is lora
-    assert isinstance(weights_trained(OrpoMethod(base="full")), FullMethod)
+    assert lora.trained_weights() is lora
+    assert DpoMethod(lora=lora).trained_weights() is lora
+    assert isinstance(OrpoMethod(base="full").trained_weights(), FullMethod)

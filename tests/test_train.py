@@ -202,9 +202,9 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
     assert version.tags["tuneplane.job_id"] == "learn"
     assert version.tags["tuneplane.base_model"] == str(tiny_dir)
     assert {"tuneplane.spec_hash", "tuneplane.dataset_fingerprint"} <= set(version.tags)
-    assert version.tags["tuneplane.gate"] == "passed"
+    assert version.tags["tuneplane.publishing.gate"] == "passed"
     # The model card is the version's description; its numbers are the run's.
-    from tuneplane.gate import fmt
+    from tuneplane.publishing.gate import fmt
 
     card = version.description
     for key in ("eval_loss", "eval_loss_base", "zero_shot/parity-labeled-eval", "lm_eval/tiny_parity"):
@@ -285,8 +285,8 @@ def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate
     assert client.search_model_versions() == []  # a gate is checked before anything reaches the registry
     run_info = client.get_run(result.run_id or "")
     assert run_info.info.status == "FINISHED"
-    assert run_info.data.tags["tuneplane.gate"] == "failed"
-    assert "eval-set" in run_info.data.tags["tuneplane.gate.failures"]
+    assert run_info.data.tags["tuneplane.publishing.gate"] == "failed"
+    assert "eval-set" in run_info.data.tags["tuneplane.publishing.gate.failures"]
     assert run_info.data.metrics["data/exact_duplicates"] == 3
     assert run_info.data.metrics["data/contaminated"] == 2
     artifacts = {a.path for a in client.list_artifacts(result.run_id or "")}

@@ -8,7 +8,7 @@ import torch
 
 from tuneplane.errors import CheckpointError, SpecError
 from tuneplane.spec import effective_zero_stage, parse_spec
-from tuneplane.tracking import flatten
+from tuneplane.tracking.run import flatten
 from tuneplane.train.builders import apply_method, deepspeed_config, lr_lambda
 from tuneplane.train.checkpointing import check_not_empty
 from tuneplane.train.metrics import ParamCounts, flops_per_token

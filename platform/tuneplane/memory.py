@@ -33,15 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplane.files import open_local
 from tuneplane.spec import (
-    DpoMethod,
     FullMethod,
     LoraMethod,
-    OrpoMethod,
     TuningSpec,
-    dpo_reference,
     effective_zero_stage,
     model_location_kind,
-    weights_trained,
 )
 
 if TYPE_CHECKING:
@@ -307,7 +303,7 @@ def estimate(
     dist, hp = spec.distributed, spec.hyperparameters
     stage = effective_zero_stage(dist, world_size)
     # A preference micro-batch holds both sides of each pair: twice the rows (the reference forward keeps none).
-    pair_sides = 2 if isinstance(spec.method, DpoMethod | OrpoMethod) else 1
+    pair_sides = 2 if spec.method.data_kind == "preference" else 1
     tokens = spec.data.max_seq_len * hp.micro_batch_size * pair_sides
     trainable, extra = _trainable_params(spec, shape)
     weights = (shape.params + extra) * w
@@ -371,7 +367,7 @@ def _reference_bytes(
     """DPO's frozen reference (train/reference.py): a whole copy of the weights for full fine-tuning, split over
     the ranks under ZeRO-3 (it is gathered layer by layer, within the live budget already counted); a second
     copy of the adapter when it continues `model.adapter`; nothing when the adapter is simply switched off."""
-    kind = dpo_reference(spec.method, starts_from_adapter=spec.model.adapter is not None)
+    kind = spec.method.reference_kind(starts_from_adapter=spec.model.adapter is not None)
     if kind == "frozen_copy":
         copy = shape.params * w
         return 0 if spec.distributed.offload_params and stage == 3 else copy // (world if stage == 3 else 1)
@@ -380,7 +376,7 @@ def _reference_bytes(
 
 def _trainable_params(spec: TuningSpec, shape: ModelShape) -> tuple[int, int]:
     """(trainable parameters, parameters added to the base model: LoRA adapters and saved-module copies)."""
-    method, head = weights_trained(spec.method), shape.vocab * shape.hidden
+    method, head = spec.method.trained_weights(), shape.vocab * shape.hidden
     if isinstance(method, FullMethod):
         return shape.params, 0
     if isinstance(method, LoraMethod):
@@ -409,7 +405,7 @@ def _activation_parts(
     norm, the hidden states the loss projects, and one loss chunk: fp32 logits, the log-probabilities' gradient
     and the logits' gradient) and one layer's backward (its recomputed activations with checkpointing, and the
     gradients in flight through its MLP)."""
-    method, h = weights_trained(spec.method), shape.hidden
+    method, h = spec.method.trained_weights(), shape.hidden
     kept = shape.layers
     if not isinstance(method, FullMethod | LoraMethod):
         kept = min(method.last_n_layers, shape.layers)

@@ -6,13 +6,20 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 
-from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.backends.base import BackendJob, Capabilities, RunPhase, RunStatus
+
+# A cluster that queues what it cannot run (no machine-wide limit), as KubeRay does.
+RECORDING = Capabilities(
+    name="recording", reads_local_paths=True, gpus=True, max_job_id_length=47, host_memory_bytes=None,
+    max_concurrent_jobs=None, local_admin_token=False,
+)  # fmt: skip
 
 
 class RecordingBackend:
     """Plays a cluster: remembers submits and cancels; the test sets each job's phase."""
 
     name = "recording"
+    capabilities = RECORDING
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from tuneplane import __version__, mlflow_auth
+from tuneplane import __version__
 from tuneplane.api import console, probes, problems
 from tuneplane.api.auth import TokenIndex, local_admin_token
 from tuneplane.api.deps import Services
@@ -18,9 +18,10 @@ from tuneplane.api.routes import router
 from tuneplane.api.telemetry import RequestMetrics, Telemetry
 from tuneplane.backends import Backend, make_backend
 from tuneplane.config import PlatformConfig
+from tuneplane.control.reconciler import Reconciler
 from tuneplane.home import ensure_sqlite_folder
-from tuneplane.reconciler import Reconciler
 from tuneplane.store import Database
+from tuneplane.tracking import auth as mlflow_auth
 
 
 def create_app(
@@ -30,7 +31,7 @@ def create_app(
     backend = backend or make_backend(config)
     # The tokens file is re-read when it changes (rotation without a restart).
     tokens = TokenIndex(config.auth.tokens, config.auth.tokens_file)
-    if not tokens.entries and config.backend == "local":
+    if not tokens.entries and backend.capabilities.local_admin_token:
         # the embedded default: one admin token in home/token
         tokens = TokenIndex([local_admin_token(config)], config.auth.tokens_file)
     found = Services(

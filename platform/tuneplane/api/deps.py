@@ -17,7 +17,7 @@ from tuneplane.api.problems import Problem
 from tuneplane.api.telemetry import Telemetry
 from tuneplane.backends import Backend
 from tuneplane.config import PlatformConfig
-from tuneplane.reconciler import Reconciler
+from tuneplane.control.reconciler import Reconciler
 from tuneplane.store import Database, Principal
 
 

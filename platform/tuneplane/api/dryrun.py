@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from tuneplane.admission import memory_check, preflight_report, reachability_problems
 from tuneplane.api.problems import field_errors
 from tuneplane.api.schemas import ValidationReport
 from tuneplane.config import PlatformConfig
+from tuneplane.control.admission import memory_check, preflight_report, reachability_problems
 from tuneplane.errors import TuneplaneError, clip
 from tuneplane.spec import TuningSpec
 

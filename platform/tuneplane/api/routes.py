@@ -1,4 +1,4 @@
-"""HTTP routes: thin. Admission is `tuneplane.admission`, records are `tuneplane.store`, metrics and models are
+"""HTTP routes: thin. Admission is `tuneplane.control.admission`, records are `tuneplane.store`, metrics and models are
 read from MLflow by `tuneplane.tracking`; what a route may use comes from `api.deps`."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneplane.admission import JobLookup, admit
 from tuneplane.api.deps import BackendDep, Caller, ConfigDep, DatabaseDep, LimitsDep, ReconcilerDep
 from tuneplane.api.dryrun import dry_run, report
 from tuneplane.api.limits import Limits
@@ -32,8 +31,9 @@ from tuneplane.api.schemas import (
 )
 from tuneplane.backends import BackendJob
 from tuneplane.config import PlatformConfig
+from tuneplane.control.admission import JobLookup, admit
+from tuneplane.control.policies import queue_places
 from tuneplane.errors import SpecError
-from tuneplane.policies import queue_places
 from tuneplane.spec import json_schema
 from tuneplane.states import JobState
 from tuneplane.store import (
@@ -65,6 +65,7 @@ def submit_job(
     config: ConfigDep,
     db: DatabaseDep,
     reconciler: ReconcilerDep,
+    backend: BackendDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
     """Submit a tuning job. A retry with the same `Idempotency-Key` returns the first job (200)."""
@@ -73,8 +74,9 @@ def submit_job(
     assert team is not None  # admit() refuses callers of unknown teams
     with db.session() as s:
         job, created = create_job(
-            s, caller, admitted, team.priority, idempotency_key, max_waiting=team.quota.max_waiting_jobs
-        )
+            s, caller, admitted, team.priority, idempotency_key, max_waiting=team.quota.max_waiting_jobs,
+            max_id_length=backend.capabilities.max_job_id_length,
+        )  # fmt: skip
         out = JobOut.model_validate(job)
     if created:
         reconciler.wake.set()
@@ -222,7 +224,7 @@ def metrics(
     job_id: str, caller: Caller, db: DatabaseDep, config: ConfigDep, history: bool = True
 ) -> JobMetrics:
     """Training metrics from MLflow: latest values, series, and progress (step of max_steps)."""
-    from tuneplane.tracking import job_metrics
+    from tuneplane.tracking.registry import job_metrics
 
     with db.session(readonly=True) as s:
         found = get_job(s, caller, job_id)
@@ -271,7 +273,7 @@ async def validate(
 @router.get("/models", response_model=list[ModelVersionOut])
 def models(caller: Caller, db: DatabaseDep, config: ConfigDep) -> list[ModelVersionOut]:
     """Registered adapters published by the caller's team's jobs (all teams for an admin)."""
-    from tuneplane.tracking import model_versions
+    from tuneplane.tracking.registry import model_versions
 
     job_ids: set[str] | None = None
     if not caller.is_admin:

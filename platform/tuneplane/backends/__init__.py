@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tuneplane.backends.base import Backend, BackendJob, RunPhase, RunStatus
+from tuneplane.backends.base import Backend, BackendJob, Capabilities, RunPhase, RunStatus
 
 if TYPE_CHECKING:
     from tuneplane.config import PlatformConfig
 
-__all__ = ["Backend", "BackendJob", "RunPhase", "RunStatus", "make_backend"]
+__all__ = ["Backend", "BackendJob", "Capabilities", "RunPhase", "RunStatus", "make_backend"]
 
 
 def make_backend(config: PlatformConfig) -> Backend:

@@ -36,6 +36,26 @@ class BackendJob:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run (`capabilities.py` answers it from the config alone, for admission)."""
+
+    name: str
+    # Jobs read local paths (inside their team's data roots); elsewhere a spec must name object storage.
+    reads_local_paths: bool
+    # Runs GPU workers (a job asking for GPUs elsewhere is refused at submit).
+    gpus: bool
+    # The longest job id it can name its objects by: the store makes ids that fit.
+    max_job_id_length: int
+    # Every worker of a CPU job runs on one machine with this much memory (the job must fit it); None: workers
+    # spread over nodes, each checked by its pool's shape.
+    host_memory_bytes: int | None
+    # Jobs it runs at once, whatever the teams' quotas (None: the cluster's scheduler queues the rest).
+    max_concurrent_jobs: int | None
+    # One machine, one operator: an API without tokens may create an admin token in the state folder.
+    local_admin_token: bool
+
+
+@dataclass(frozen=True)
 class RunStatus:
     phase: RunPhase
     message: str = ""  # safe to show: no secrets
@@ -43,6 +63,7 @@ class RunStatus:
 
 class Backend(Protocol):
     name: str
+    capabilities: Capabilities
 
     def submit(self, job: BackendJob) -> None: ...
 

@@ -27,6 +27,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.backends.capabilities import KUBERAY_ID_LENGTH, capabilities
 from tuneplane.backends.kuberay_network import JOB_ID_LABEL, job_network_policy, network_policy_name
 from tuneplane.backends.kuberay_pods import PodGroup, node_groups
 from tuneplane.config import GpuPool, PlatformConfig
@@ -39,9 +40,8 @@ SPEC_KEY = "spec.yaml"
 ENTRYPOINT = f"python -m tuneplane.train --spec {SPEC_DIR}/{SPEC_KEY}"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 SUBMITTER = "ray-job-submitter"
-# KubeRay derives the RayCluster, Service and submitter Job names from the RayJob name and rejects names over
-# 47 characters (status ValidationFailed); failing at submit time gives the caller a clearer error.
-MAX_NAME = 47
+# KubeRay's limit on RayJob names (capabilities.py): failing at submit time gives the caller a clearer error.
+MAX_NAME = KUBERAY_ID_LENGTH
 # Ray images run as uid 1000; kubelet can only enforce runAsNonRoot for a numeric user, so state it.
 RUN_AS_USER = 1000
 
@@ -116,7 +116,7 @@ def _env(job: BackendJob, config: PlatformConfig) -> list[dict[str, Any]]:
         env.append({"name": "TUNEPLANE_ACCELERATOR_TYPE", "value": pool.accelerator_type})
     # Credentials are resolved by the kubelet from Secrets: the manifest only names them.
     secrets = sorted(kr.storage_env.items())
-    if config.tracking_auth and kr.tracking_secret:  # the team's own MLflow user (mlflow_auth.py)
+    if config.tracking_auth and kr.tracking_secret:  # the team's own MLflow user (tracking/auth.py)
         secrets += [
             ("MLFLOW_TRACKING_USERNAME", SecretRef(name=kr.tracking_secret, key="username")),
             ("MLFLOW_TRACKING_PASSWORD", SecretRef(name=kr.tracking_secret, key="password")),
@@ -299,6 +299,7 @@ class KubeRayBackend:
 
     def __init__(self, config: PlatformConfig, api_client: Any | None = None):
         self.config = config
+        self.capabilities = capabilities(config)
         self.api_client = api_client if api_client is not None else _build_api_client(config)
         self._core = k8s.CoreV1Api(self.api_client)
         self._custom = k8s.CustomObjectsApi(self.api_client)

@@ -23,13 +23,15 @@ from pathlib import Path
 
 import yaml
 
-from tuneplane import mlflow_auth, raylocal
+from tuneplane import raylocal
 from tuneplane.backends import sandbox
 from tuneplane.backends.base import BackendJob, RunPhase, RunStatus
+from tuneplane.backends.capabilities import capabilities
 from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError
 from tuneplane.files import Confinement
 from tuneplane.home import Home
+from tuneplane.tracking import auth as mlflow_auth
 
 # What a job inherits from the API's environment: the basics of running Python, and the platform's object-storage
 # client settings (the local backend has one storage identity). Nothing else: the API's environment may hold its
@@ -70,6 +72,7 @@ class LocalBackend:
 
     def __init__(self, config: PlatformConfig):
         self.config = config
+        self.capabilities = capabilities(config)
         self.root = Home(config.home).jobs
         self._closed = threading.Event()
         # ConfigError for several teams that would share an unsandboxed machine unknowingly; else a warning.

@@ -67,7 +67,8 @@ def plan(config: PlatformConfig, job_id: str, team: str, spec: TuningSpec) -> Pl
         writable.append(store)
     artifacts = _local(config.artifact_root)
     if artifacts is not None and not config.tracking_uri.startswith(("http://", "https://")):
-        writable.append(artifacts / team)  # the team's experiments keep their artifacts here (tracking.py)
+        # The team's experiments keep their artifacts here (tracking/run.py).
+        writable.append(artifacts / team)
         hidden.add(resolved(artifacts))
     own = config.team(team)
     readable = config.confinement(own).roots if own is not None else ()

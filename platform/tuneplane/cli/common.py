@@ -60,3 +60,41 @@ def api_errors() -> Iterator[None]:
     except Exception as exc:
         err_console.print(f"[bold red]cannot reach the API[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside, the libraries a command calls print nothing of their own: no Python warnings (MLflow's type-hint
+    notes, transformers' deprecations), no progress bars while weights load, no library log lines below
+    errors. A job's own log keeps all of them; a user's terminal shows only the platform's lines."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("mlflow", "transformers", "peft", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    bars = _progress_bars(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        _progress_bars(bars)
+
+
+def _progress_bars(enabled: bool) -> bool:
+    """Switch transformers' and the hub's progress bars; returns whether transformers' were on."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+    return was

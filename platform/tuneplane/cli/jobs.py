@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit
+from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit, quiet_libraries
 from tuneplane.spec import load_spec
 
 if TYPE_CHECKING:
@@ -122,8 +122,10 @@ def _sample(model_uri: str, prompt: str) -> None:
     from tuneplane.config import load_config
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or load_config().tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    console.print(f"sample: {prompt!r} -> {model.predict([prompt])[0]!r}", highlight=False, markup=False)
+    with quiet_libraries():
+        model = mlflow.pyfunc.load_model(model_uri)
+        answer = model.predict([prompt])[0]
+    console.print(f"sample: {prompt!r} -> {answer!r}", highlight=False, markup=False)
 
 
 @app.command()
@@ -209,10 +211,11 @@ def _scores(scores: dict[str, float]) -> str:
 
 def console_hint(config: PlatformConfig, url: str) -> str:
     """Where the web console is and how to sign in to it (the embedded default's admin token file)."""
+    from tuneplane.backends.capabilities import capabilities
     from tuneplane.home import Home
 
     line = f"web console: {url}/console/"
-    if config.backend == "local" and not (config.auth.tokens or config.auth.tokens_file):
+    if capabilities(config).local_admin_token and not (config.auth.tokens or config.auth.tokens_file):
         token = Home(config.home).token
         line += f" (sign in with the local admin token: cat {token}; `tuneplane serve` keeps it up after the demo)"
     return line

@@ -278,8 +278,8 @@ def mlflow_credentials(
     MLFLOW_TRACKING_PASSWORD, from which the team's password is derived."""
     import yaml
 
-    from tuneplane import mlflow_auth
     from tuneplane.config import load_config
+    from tuneplane.tracking import auth as mlflow_auth
 
     cfg = load_or_exit("config", load_config, None)
     found = cfg.team(team)

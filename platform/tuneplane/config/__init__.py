@@ -208,7 +208,7 @@ class PlatformConfig(Strict):
         description="MLflow runs its authentication app (`--app-name basic-auth`, default permission "
         "NO_PERMISSIONS): the API, holding the admin's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
         "makes one MLflow user per team and gives it only its own experiments and registered models; jobs "
-        "log as their team (mlflow_auth.py).",
+        "log as their team (tracking/auth.py).",
     )
     storage_path: str = Field("", description="Ray Train storage for local runs; default `home`/runs.")
     teams: list[Team] = Field(default_factory=lambda: [Team(name="default")])

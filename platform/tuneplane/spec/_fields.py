@@ -12,6 +12,17 @@ from pydantic import BaseModel, ConfigDict
 SPEC_VERSION: Literal["tuneplane/v1"] = "tuneplane/v1"
 
 FormatName = Literal["alpaca", "messages", "sharegpt", "prompt_completion", "labeled", "preference"]
+# What a format's records are: examples to imitate (instruction) or chosen/rejected pairs (preference). A method
+# trains on one kind (`Method.data_kind`).
+DataKind = Literal["instruction", "preference"]
+_PAIR_FORMATS: frozenset[str] = frozenset({"preference"})
+
+
+def format_kind(fmt: str) -> DataKind:
+    """The kind of records a data format holds: the one rule for "is this preference data?"."""
+    return "preference" if fmt in _PAIR_FORMATS else "instruction"
+
+
 TemplateName = Literal["alpaca", "flan", "chatml", "llama3", "tokenizer"]
 
 # Keys that would let a spec run arbitrary code or carry credentials. Rejected anywhere in the document with

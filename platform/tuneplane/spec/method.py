@@ -1,15 +1,50 @@
-"""Training methods: LoRA (with DoRA, rsLoRA, QLoRA), full and partial fine-tuning."""
+"""Training methods: LoRA (with DoRA, rsLoRA, QLoRA), full and partial fine-tuning, DPO and ORPO.
+
+This module is the method registry's spec half: each method is one class, listed once in `Method`, and each class
+answers what the rest of the platform asks about a method (its objective, the data it reads, the weights it
+trains, the reference model it needs). Nothing elsewhere tests `isinstance(method, DpoMethod | ...)` to learn
+those facts. The other half, which recipe runs a method, is `tuneplane.train.recipes.RECIPES`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import Field
 
-from tuneplane.spec._fields import _Strict
+from tuneplane.spec._fields import DataKind, _Strict
+
+# What a method's loss optimises:
+#   next_token  the responses' next-token likelihood (instruction tuning, every SFT method)
+#   preference  a chosen response over a rejected one (DPO, ORPO)
+Objective = Literal["next_token", "preference"]
+
+# What scores DPO's reference log-probs; each is the model the policy starts from, frozen:
+#   adapter_disabled  LoRA from a fresh adapter: the policy with its adapter switched off (no copy at all)
+#   starting_adapter  LoRA continuing `model.adapter`: that adapter loaded a second time, frozen, and switched in
+#   frozen_copy       full: a copy of the starting weights, without gradients, partitioned like the policy
+ReferenceKind = Literal["adapter_disabled", "starting_adapter", "frozen_copy"]
 
 
-class LoraMethod(_Strict):
+class _MethodFacts(_Strict):
+    """The facts every method states; the defaults are those of supervised instruction tuning."""
+
+    objective: ClassVar[Objective] = "next_token"
+    data_kind: ClassVar[DataKind] = "instruction"  # which records it trains on (spec._fields.format_kind)
+
+    def trained_weights(self) -> WeightMethod:
+        """Which weights the method trains, as the weight method that builds them (LoRA, full or partial).
+        Model building, memory estimates, FLOPs and checkpoint layout all ask this one method."""
+        assert isinstance(self, LoraMethod | FullMethod | PartialMethod), "a preference method says its own"
+        return self
+
+    def reference_kind(self, starts_from_adapter: bool) -> ReferenceKind | None:
+        """The frozen reference model the loss compares against (None: none). The recipe builds it and the
+        memory estimate counts it from this one answer."""
+        return None
+
+
+class LoraMethod(_MethodFacts):
     type: Literal["lora"] = "lora"
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(
@@ -48,11 +83,11 @@ class LoraMethod(_Strict):
     )
 
 
-class FullMethod(_Strict):
+class FullMethod(_MethodFacts):
     type: Literal["full"] = "full"
 
 
-class PartialMethod(_Strict):
+class PartialMethod(_MethodFacts):
     type: Literal["partial"] = "partial"
     last_n_layers: int = Field(
         ge=1, description="Train only the last N transformer blocks (and the final norm)."
@@ -60,10 +95,10 @@ class PartialMethod(_Strict):
     train_lm_head: bool = Field(True, description="Also train the output projection.")
 
 
-class DpoMethod(_Strict):
+class DpoMethod(_MethodFacts):
     """Direct preference optimisation on `preference` data (prompt, chosen, rejected), usually after
     instruction tuning (`model.adapter`). The reference model is the starting point, frozen (see
-    `dpo_reference`): no second copy of the base for LoRA, a frozen copy partitioned like the policy for full."""
+    `reference_kind`): no second copy of the base for LoRA, a frozen copy partitioned like the policy for full."""
 
     type: Literal["dpo"] = "dpo"
     beta: float = Field(
@@ -81,8 +116,19 @@ class DpoMethod(_Strict):
     base: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters (below) or every weight.")
     lora: LoraMethod = Field(default_factory=LoraMethod, description="Adapter settings when `base` is lora.")
 
+    objective: ClassVar[Objective] = "preference"
+    data_kind: ClassVar[DataKind] = "preference"
 
-class OrpoMethod(_Strict):
+    def trained_weights(self) -> WeightMethod:
+        return self.lora if self.base == "lora" else FullMethod()
+
+    def reference_kind(self, starts_from_adapter: bool) -> ReferenceKind | None:
+        if self.base == "full":
+            return "frozen_copy"
+        return "starting_adapter" if starts_from_adapter else "adapter_disabled"
+
+
+class OrpoMethod(_MethodFacts):
     """ORPO: preference tuning without a reference model (odds-ratio term added to the chosen NLL)."""
 
     type: Literal["orpo"] = "orpo"
@@ -90,35 +136,18 @@ class OrpoMethod(_Strict):
     base: Literal["lora", "full"] = Field("lora")
     lora: LoraMethod = Field(default_factory=LoraMethod)
 
+    objective: ClassVar[Objective] = "preference"
+    data_kind: ClassVar[DataKind] = "preference"
 
+    def trained_weights(self) -> WeightMethod:
+        return self.lora if self.base == "lora" else FullMethod()
+
+
+# The registry: a new method is one class above and one entry here (and its recipe in train/recipes.py).
 Method = Annotated[
     LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod, Field(discriminator="type")
 ]
+METHOD_CLASSES: tuple[type[_MethodFacts], ...] = get_args(get_args(Method)[0])
+METHOD_TYPES: tuple[str, ...] = tuple(cls.model_fields["type"].default for cls in METHOD_CLASSES)
 
 WeightMethod = LoraMethod | FullMethod | PartialMethod
-
-# What scores DPO's reference log-probs; each is the model the policy starts from, frozen:
-#   adapter_disabled  LoRA from a fresh adapter: the policy with its adapter switched off (no copy at all)
-#   starting_adapter  LoRA continuing `model.adapter`: that adapter loaded a second time, frozen, and switched in
-#   frozen_copy       full: a copy of the starting weights, without gradients, partitioned like the policy
-ReferenceKind = Literal["adapter_disabled", "starting_adapter", "frozen_copy"]
-
-
-def weights_trained(method: LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod) -> WeightMethod:
-    """Which weights a method trains: itself for SFT methods; for preference methods, their LoRA settings or
-    every weight. Model building, memory estimates and checkpoint layout all ask this one function."""
-    if isinstance(method, DpoMethod | OrpoMethod):
-        return method.lora if method.base == "lora" else FullMethod()
-    return method
-
-
-def dpo_reference(
-    method: LoraMethod | FullMethod | PartialMethod | DpoMethod | OrpoMethod, starts_from_adapter: bool
-) -> ReferenceKind | None:
-    """The reference model a method needs (None: no reference; ORPO and the SFT methods). The recipe builds it
-    and the memory estimate counts it from this one answer."""
-    if not isinstance(method, DpoMethod):
-        return None
-    if method.base == "full":
-        return "frozen_copy"
-    return "starting_adapter" if starts_from_adapter else "adapter_disabled"

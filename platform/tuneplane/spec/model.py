@@ -11,8 +11,9 @@ from tuneplane.spec._fields import MAX_URI, LocationKind, _check_uri, _Strict, m
 
 # A registered version by number: what a job was tuned from must not change under it (no aliases or `latest`).
 _REGISTERED = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]{0,255}/[1-9][0-9]{0,8}$")
-# A job's id, as store.jobs.new_job_id makes it: the spec's name (cut to 38) and 8 hex digits.
-_JOB_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,37}-[0-9a-f]{8}$")
+# A job's id, as store.jobs.new_job_id makes it: the spec's name (at most 53 characters, cut shorter where the
+# backend takes shorter names) and 8 hex digits.
+_JOB_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,52}-[0-9a-f]{8}$")
 
 
 def adapter_is_job_id(adapter: str) -> bool:
@@ -22,7 +23,7 @@ def adapter_is_job_id(adapter: str) -> bool:
 
 
 def registered_team(uri: str) -> str:
-    """The team a registered model belongs to: `<team>.<name>` names are the platform's (tracking.py)."""
+    """The team a registered model belongs to: `<team>.<name>` names are the platform's (tracking/tags.py)."""
     return uri.removeprefix("models:/").split("/", 1)[0].split(".", 1)[0]
 
 

@@ -19,16 +19,24 @@ from tuneplane.spec._fields import (
     _TOO_DEEP,
     MAX_SPEC_BYTES,
     SPEC_VERSION,
+    DataKind,
     LocationKind,
     _Strict,
+    format_kind,
     is_local_path,
     model_location_kind,
 )
 from tuneplane.spec.data import DataSpec, SourceSpec
 from tuneplane.spec.evaluation import EvalSpec
-from tuneplane.spec.method import DpoMethod, LoraMethod, Method, OrpoMethod
+from tuneplane.spec.method import METHOD_TYPES, LoraMethod, Method
 from tuneplane.spec.model import ModelSpec
 from tuneplane.spec.run import CheckpointSpec, DistributedSpec, HyperParameters, TrackingSpec
+
+# How a method's data-kind mismatch is worded.
+_DATA_KIND_WORDS: dict[DataKind, str] = {
+    "instruction": "instruction records (not 'preference')",
+    "preference": "'preference' pairs",
+}
 
 
 class TuningSpec(_Strict):
@@ -77,13 +85,13 @@ class TuningSpec(_Strict):
 
     @model_validator(mode="after")
     def _data_fits_the_method(self) -> TuningSpec:
-        preference = isinstance(self.method, DpoMethod | OrpoMethod)
+        wanted = self.method.data_kind
         for field, source in self.source_fields():
             if field.startswith("eval.zero_shot_sources"):
                 continue  # zero-shot tasks are generation tasks for every method
-            if (source.format == "preference") != preference:
-                wanted = "'preference' pairs" if preference else "instruction records (not 'preference')"
-                raise ValueError(f"{field}.format: method.type {self.method.type} trains on {wanted}")
+            if format_kind(source.format) != wanted:
+                what = _DATA_KIND_WORDS[wanted]
+                raise ValueError(f"{field}.format: method.type {self.method.type} trains on {what}")
         return self
 
     @model_validator(mode="before")
@@ -152,7 +160,7 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"lora", "full", "partial", "dpo", "orpo"} and out.endswith("method"):
+        elif part in METHOD_TYPES and out.endswith("method"):
             continue  # discriminated-union tag: not a field the user wrote
         else:
             out += f".{part}" if out else str(part)

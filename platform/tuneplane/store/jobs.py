@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer, selectinload
 from tuneplane.errors import Conflict, NotFound, QuotaExceeded
 from tuneplane.spec import TuningSpec, spec_hash
 from tuneplane.states import ACTIVE, TERMINAL, WAITING, JobState, check
-from tuneplane.store.models import Attempt, Job, JobEvent, utcnow
+from tuneplane.store.models import ID_LENGTH, Attempt, Job, JobEvent, utcnow
 
 _SCHEDULE_LOCK = 0x7475_6E65  # "tune": the PostgreSQL advisory lock that serialises scheduling
 
@@ -45,10 +45,10 @@ class Usage:
     gpus: int = 0
 
 
-def new_job_id(name: str) -> str:
-    # The id names the RayJob, its pods' prefix and the Ray Train run: KubeRay refuses RayJob names over 47
-    # characters (it derives longer names from them).
-    return f"{name[:38].rstrip('-')}-{secrets.token_hex(4)}"
+def new_job_id(name: str, max_length: int) -> str:
+    """`<the spec's name, cut to fit>-<8 hex digits>`, at most `max_length` characters: the id names the
+    backend's objects (a RayJob, the Ray Train run), and each backend says how long a name it takes."""
+    return f"{name[: max_length - 9].rstrip('-')}-{secrets.token_hex(4)}"
 
 
 # -- the API's side -------------------------------------------------------------------------------------------
@@ -61,8 +61,10 @@ def create_job(
     priority: int,
     idempotency_key: str | None = None,
     max_waiting: int | None = None,
+    max_id_length: int = ID_LENGTH,
 ) -> tuple[Job, bool]:
     """A new PENDING job, or the job an earlier request with the same Idempotency-Key created (created=False).
+    Its id is at most `max_id_length` characters (the backend's limit, `Capabilities.max_job_id_length`).
 
     The same key with a different spec is a Conflict: a retry must be the same request. A team that already
     has `max_waiting` jobs waiting gets QuotaExceeded instead of a new one.
@@ -76,7 +78,7 @@ def create_job(
         )
     dist = spec.distributed
     job = Job(
-        id=new_job_id(spec.name),
+        id=new_job_id(spec.name, max_id_length),
         team=principal.team,
         name=spec.name,
         spec=spec.to_dict(),

@@ -8,6 +8,9 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The longest job id the store holds (a DNS-1123 label); a backend may take shorter ones (store.jobs.create_job).
+ID_LENGTH = 63
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -25,7 +28,7 @@ class Job(Base):
         Index("ix_jobs_team_created", "team", "created_at"),
     )
 
-    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     team: Mapped[str] = mapped_column(String(63))
     name: Mapped[str] = mapped_column(String(63))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -21,7 +21,6 @@ from tuneplane.spec import (
     PartialMethod,
     TuningSpec,
     effective_zero_stage,
-    weights_trained,
 )
 
 
@@ -110,7 +109,7 @@ def _has_flash_attn() -> bool:
 
 
 def apply_method(model: torch.nn.Module, spec: TuningSpec, adapter: Path | None = None) -> torch.nn.Module:
-    method = weights_trained(spec.method)
+    method = spec.method.trained_weights()
     if adapter is not None:
         from peft import PeftModel
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from tuneplane.data.reshard import reshard
 from tuneplane.errors import CheckpointError
-from tuneplane.spec import LoraMethod, TuningSpec, effective_zero_stage, weights_trained
+from tuneplane.spec import LoraMethod, TuningSpec, effective_zero_stage
 
 CHECKPOINT_META = "tuneplane-checkpoint.json"
 FINAL_METRICS = "final.json"  # present only in the last checkpoint of a finished run
@@ -129,7 +129,7 @@ def save_model(engine: Any, spec: TuningSpec, tokenizer: Any, out: Path, rank: i
     if effective_zero_stage(spec.distributed, world) == 3:
         wanted = (
             [p for p in module.parameters() if p.requires_grad]
-            if isinstance(weights_trained(spec.method), LoraMethod)
+            if isinstance(spec.method.trained_weights(), LoraMethod)
             else list(module.parameters())
         )
         with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None):

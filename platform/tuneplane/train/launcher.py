@@ -1,7 +1,8 @@
 """The driver side: turn a spec + the platform's run settings into a Ray Train job, follow it, publish the result.
 
 `run` starts (or joins) Ray, handles SIGTERM, and drives the job's MLflow run through its lifecycle hooks
-(`tracking.JobRun`); `build_trainer` is the Ray Train job itself.
+(`tracking.run.JobRun`: start, then publish into it (`publishing.publish`) and finish, or fail / kill);
+`build_trainer` is the Ray Train job itself.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ _GRACE_S = 20
 
 
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
-    from tuneplane.tracking import JobRun
+    from tuneplane.publishing.publish import publish
+    from tuneplane.tracking.run import JobRun
 
     confine_process(settings.confinement)  # the driver reads the team's files too (preflight, filter, tasks)
     job_run = JobRun()  # does nothing until started
@@ -84,7 +86,8 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         final, model_dir = _collect(result, settings)
         final |= _lm_eval(spec, model_dir)
         figures = data_filter.to_dict() if data_filter.figures.get("records") else None
-        published = job_run.finish(spec, settings.job_id, model_dir, final, figures)
+        published = publish(spec, settings.job_id, job_run, model_dir, final, figures)
+        job_run.finish()
         return RunResult(
             settings.job_id,
             final,
@@ -130,7 +133,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tuneplane.train.recipe import WorkerSettings, train_loop
+    from tuneplane.train.recipe import WorkerSettings
+    from tuneplane.train.recipes import train_loop
 
     dist_spec = spec.distributed
     use_gpu = dist_spec.gpus_per_worker > 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tuneplane.spec import DataSpec, LoraMethod, TuningSpec, weights_trained
+from tuneplane.spec import DataSpec, LoraMethod, TuningSpec
 from tuneplane.train.loss import SourceTally
 
 # Dense bf16 peak of common training GPUs (FLOP/s), for MFU. Unknown devices report MFU as 0.
@@ -38,7 +38,7 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
 def flops_per_token(spec: TuningSpec, params: ParamCounts) -> float:
     """6N for full training (forward 2N + backward 4N); with frozen base weights (LoRA) the weight-gradient
     half of the backward is skipped: 4N."""
-    return (4.0 if isinstance(weights_trained(spec.method), LoraMethod) else 6.0) * params.total
+    return (4.0 if isinstance(spec.method.trained_weights(), LoraMethod) else 6.0) * params.total
 
 
 def peak_flops(device: torch.device) -> float:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tuneplane.data import Batch, PairBatch, PreferenceStream
-from tuneplane.spec import DpoMethod, OrpoMethod, dpo_reference
+from tuneplane.spec import DpoMethod, OrpoMethod
 from tuneplane.train.loss import SourceTally
 from tuneplane.train.preference_loss import (
     PreferenceTerms,
@@ -46,7 +46,7 @@ class PreferenceTuningRecipe(InstructionTuningRecipe):
     reference: Reference | None = None  # DPO's; ORPO has none
 
     def _model_built(self, model: torch.nn.Module) -> None:
-        kind = dpo_reference(self.spec.method, starts_from_adapter=self.adapter is not None)
+        kind = self.spec.method.reference_kind(starts_from_adapter=self.adapter is not None)
         if kind is not None:
             self.reference = prepare(kind, model, self.adapter)
 

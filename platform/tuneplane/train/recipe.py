@@ -10,7 +10,8 @@
     cleanup          wait for every rank before the process group goes away
 
 The worker gets the spec and a `WorkerSettings` from the launcher; nothing comes from the environment except
-what Ray and torch.distributed set up. Builders live in `builders.py`, metrics maths in `metrics.py`, checkpoint
+what Ray and torch.distributed set up. Which recipe a method runs is `recipes.RECIPES`' answer; a method that
+trains differently subclasses this one (`preference_recipe.py`) and overrides its hooks. Builders live in `builders.py`, metrics maths in `metrics.py`, checkpoint
 layout in `checkpointing.py`, evaluation in `evaluate.py`.
 """
 
@@ -32,10 +33,10 @@ import torch.distributed as dist
 
 from tuneplane.data import Batch, InstructionStream, KeySet
 from tuneplane.errors import SpecError
-from tuneplane.files import Confinement, confine_process
+from tuneplane.files import Confinement
 from tuneplane.pretrained import download_adapter, load_tokenizer
-from tuneplane.spec import DpoMethod, OrpoMethod, TuningSpec, parse_spec
-from tuneplane.tracking import JobRun
+from tuneplane.spec import TuningSpec
+from tuneplane.tracking.run import JobRun
 from tuneplane.train import checkpointing, evaluate
 from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
 from tuneplane.train.loss import SourceTally, causal_lm_loss
@@ -68,24 +69,9 @@ class RecipeState:
     source_tokens: list[float] | None = None  # trained tokens per training source so far
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: the preference recipe for DPO/ORPO, this one for the rest."""
-    spec = parse_spec(config["spec"])
-    confine_process(config["settings"].confinement)  # before any file of the team is opened
-    recipe_class = InstructionTuningRecipe
-    if isinstance(spec.method, DpoMethod | OrpoMethod):
-        from tuneplane.train.preference_recipe import PreferenceTuningRecipe
-
-        recipe_class = PreferenceTuningRecipe
-    recipe = recipe_class(spec, config["settings"])
-    if not recipe.setup():
-        return  # a re-run of a job that already finished: its result was handed back
-    recipe.train()
-    recipe.save_final(recipe.evaluate())
-    recipe.cleanup()
-
-
 class InstructionTuningRecipe:
+    """Supervised instruction tuning (LoRA, full, partial): next-token loss on the responses."""
+
     WINDOW_EXTRAS: tuple[str, ...] = ()  # method-specific step metrics a subclass records (see StepWindow)
 
     def __init__(self, spec: TuningSpec, settings: WorkerSettings):

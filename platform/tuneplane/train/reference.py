@@ -1,6 +1,6 @@
 """DPO's reference model: the model the policy starts from, frozen, scoring each pair without gradients.
 
-Which one a job gets is `spec.dpo_reference`'s decision; this module builds it:
+Which one a job gets is the method's decision (`Method.reference_kind`); this module builds it:
 
     adapter_disabled  LoRA from a fresh adapter: the policy with the adapter switched off. No copy of anything.
     starting_adapter  LoRA continuing `model.adapter` (SFT -> DPO): the starting adapter is loaded a second time,

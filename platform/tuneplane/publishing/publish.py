@@ -1,14 +1,15 @@
-"""Publishing a finished job's model (the driver's `JobRun.finish`): gate, chat template, model, card, registry.
+"""Publishing a finished job's model: gate, chat template, model, card, registry; the driver calls `publish` in
+the job's run, then ends the run (`JobRun.finish`).
 
 Order, and why:
-1. The gate (`tuneplane.gate`) is checked first, on the final metrics.
+1. The gate (`tuneplane.publishing.gate`) is checked first, on the final metrics.
 2. The training template is written into the model's tokenizer as its chat template, so a consumer that
    renders prompts itself (vLLM, TGI, `apply_chat_template`) prompts the model as training did.
 3. Final metrics, data figures and the verdict go to the run (metrics, tags, `gate.json`, `data/quality.json`),
    and the pyfunc model is logged to the run whatever the verdict: a rejected result stays inspectable.
 4. Only a passing (or absent) gate registers a version. A failed gate registers nothing: consumers resolve
    `models:/NAME/latest` or a version number from the registry, and a model that missed its bar must never
-   become one. The run says why (tags `tuneplane.gate`, `tuneplane.gate.failures`).
+   become one. The run says why (tags `tuneplane.publishing.gate`, `tuneplane.publishing.gate.failures`).
 5. The model card, which names the exact URI to load, goes into the logged model and the run (MODEL_CARD.md)
    and becomes the registered version's description.
 """
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplane import gate, modelcard
 from tuneplane.errors import clip
-from tuneplane.gate import GateVerdict
+from tuneplane.publishing import gate, modelcard
+from tuneplane.publishing.gate import GateVerdict
 from tuneplane.spec import TuningSpec
-from tuneplane.tracking import (
+from tuneplane.tracking.run import JobRun
+from tuneplane.tracking.tags import (
     BASE_MODEL_TAG,
+    DATA_TAG_PREFIX,
     FINGERPRINT_TAG,
     GATE_FAILURES_TAG,
     GATE_TAG,
@@ -51,14 +54,31 @@ class Published:
 def publish(
     spec: TuningSpec,
     job_id: str,
+    job_run: JobRun,
+    model_dir: Path,
+    metrics: dict[str, Any],
+    data_figures: dict[str, Any] | None = None,
+) -> Published:
+    """Steps 1-5 above, in the job's run; returns the registered URI (None when not registered). Without
+    tracking the gate is still checked: the verdict is the driver's too."""
+    if not job_run.enabled:
+        return Published(None, gate.check(spec.eval.gate, metrics))
+    assert job_run.tracking_uri and job_run.run_id
+    return _publish(
+        spec, job_id, job_run.run_id, model_dir, job_run.tracking_uri, metrics, job_run.team, data_figures
+    )
+
+
+def _publish(
+    spec: TuningSpec,
+    job_id: str,
     run_id: str,
     model_dir: Path,
     tracking_uri: str,
     metrics: dict[str, Any],
-    team: str | None = None,
-    data_figures: dict[str, Any] | None = None,
+    team: str | None,
+    data_figures: dict[str, Any] | None,
 ) -> Published:
-    """Steps 1-5 above, in the job's run; returns the registered URI (None when not registered)."""
     import mlflow
 
     verdict = gate.check(spec.eval.gate, metrics)
@@ -129,7 +149,7 @@ def _record(
         tags[GATE_FAILURES_TAG] = clip("\n".join(verdict.failures()), _FAILURES_LIMIT)
     if figures:
         numbers |= {f"data/{k}": float(v) for k, v in figures.items() if gate.number(figures, k) is not None}
-        tags |= {f"tuneplane.data.{k}": str(v) for k, v in data_tags(figures).items()}
+        tags |= {DATA_TAG_PREFIX + k: str(v) for k, v in data_tags(figures).items()}
         client.log_dict(run_id, figures, "data/quality.json")
     batch = [Metric(k, v, _now_ms(), int(metrics.get("step") or 0)) for k, v in numbers.items()]
     for i in range(0, len(batch), 500):
@@ -159,7 +179,7 @@ def _log_model(spec: TuningSpec, run_id: str, model_dir: Path) -> Any:
     """The tuned model as a pyfunc in the job's run (and the merged weights when asked for)."""
     import mlflow
 
-    from tuneplane import pyfunc_model
+    from tuneplane import pyfunc_model  # stays at the top level: registered models name its path
 
     artifacts = {"model": str(model_dir)}
     model_config = {

@@ -1,6 +1,6 @@
 """The control loop: validate new jobs, submit queued ones within quota and priority, follow what runs.
 
-It gathers facts (the job record, the backend's status), asks `tuneplane.policies` what they mean, and carries
+It gathers facts (the job record, the backend's status), asks `tuneplane.control.policies` what they mean, and carries
 the answer out through `tuneplane.store`, the only writer of job records.
 
 Safe to run in every API replica at once. Each job is handled under its row lock (PostgreSQL: FOR UPDATE
@@ -22,11 +22,12 @@ from functools import partial
 
 from sqlalchemy.orm import Session
 
-from tuneplane.admission import policy_problems, reachability_problems
 from tuneplane.backends.base import Backend, BackendJob, RunPhase
 from tuneplane.config import PlatformConfig
+from tuneplane.control.admission import policy_problems, reachability_problems
+from tuneplane.control.policies import decide, fits_quota
+from tuneplane.control.validation import ValidationPool
 from tuneplane.errors import BackendError, SpecError, clip, describe
-from tuneplane.policies import decide, fits_quota
 from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.states import ACTIVE, JobState
 from tuneplane.store import Database, Job, Usage, end_job, record_submission, transition
@@ -43,9 +44,8 @@ from tuneplane.store.jobs import (
     usage_by_team,
 )
 from tuneplane.store.models import utcnow
-from tuneplane.validation import ValidationPool
 
-log = logging.getLogger("tuneplane.reconciler")
+log = logging.getLogger("tuneplane.control.reconciler")
 _WAIT_IN_PASS_S = 2.0  # a pass waits this long for lookups it started: quick ones finish in the same pass
 
 
@@ -161,7 +161,7 @@ class Reconciler:
             lock_scheduling(s)
             usage = usage_by_team(s)
             running = sum(u.jobs for u in usage.values())
-            capacity = self.config.local.max_concurrent_jobs if self.backend.name == "local" else None
+            capacity = self.backend.capabilities.max_concurrent_jobs
             # Only teams with room are read: a team at its quota, however many jobs it queued, holds up no one.
             full = {t.name for t in self.config.teams if not fits_quota(t.quota, *_held(usage, t.name), 0)}
             for job in queued_jobs(s, skip_teams=full):
@@ -190,7 +190,7 @@ class Reconciler:
         With MLflow's authentication on, the job's experiment and model are its team's first."""
         bjob = self.backend_job(job)
         if self.config.tracking_auth:
-            from tuneplane.tracking import claim_names
+            from tuneplane.tracking.registry import claim_names
 
             try:
                 claim_names(self.config.tracking_uri, bjob.spec, job.team, self.config.job_artifact_root())
@@ -261,7 +261,7 @@ class Reconciler:
         """The registered model of a job that succeeded, or why there is none when its gate said no (a note
         for the end message). MLflow down: neither, the job still succeeded."""
         try:
-            from tuneplane.tracking import gate_verdict, model_versions
+            from tuneplane.tracking.registry import gate_verdict, model_versions
 
             versions = model_versions(self.config.tracking_uri, {job_id})
             if versions:

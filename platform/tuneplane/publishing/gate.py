@@ -1,5 +1,5 @@
 """The evaluation gate: does a finished run's result meet the spec's `eval.gate`? (anchor: Ray Train v2's
-policies: facts in, a decision out, no I/O; `tuneplane.publish` carries it out).
+policies: facts in, a decision out, no I/O; `tuneplane.publishing.publish` carries it out).
 
 It also owns the vocabulary of the final metrics it reads, which the model card and the registry tags share:
 `eval_loss` / `eval_loss_base`, `zero_shot/<task>` / `zero_shot_base/<task>`, `lm_eval/<task>` /

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from tuneplane.backends.kuberay_pods import node_fit_problems
+from tuneplane.backends.capabilities import backend_problems, capabilities
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, NotFound, SpecError
 from tuneplane.files import confined_to, may_read, pinned_folder
@@ -76,19 +76,18 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
         )
     elif dist.gpu_pool and dist.gpu_pool not in team.gpu_pools:
         problems.append(("distributed.gpu_pool", f"team {team.name} may not use pool {dist.gpu_pool!r}"))
-    elif dist.gpu_pool:  # a worker that fits no node of its pool would wait for ever
-        problems += node_fit_problems(dist, config.gpu_pools[dist.gpu_pool])
     if gpus > team.quota.max_gpus:
         problems.append(
             ("distributed.gpus_per_worker", f"the job needs {gpus} GPUs; team quota is {team.quota.max_gpus}")
         )
-    if gpus and config.backend == "local":
-        problems.append(("distributed.gpus_per_worker", "the local backend runs on CPUs only"))
+    problems += backend_problems(
+        spec, config
+    )  # e.g. a worker that fits no node of its pool would wait for ever
     if spec.model.adapter and registered_team(spec.model.adapter) != team.name:
         # A team builds on its own registered versions only (`<team>.<name>`): never reads another's weights.
         problems.append(("model.adapter", f"{spec.model.adapter} is not a model of team {team.name}"))
     locations = _location_problems(spec, team, config)
-    if not locations and config.backend == "local":  # a local tasks folder is small: read it at submit
+    if not locations and capabilities(config).reads_local_paths:  # a local tasks folder is small: read it now
         problems += tasks_problems(spec, team, config, local=True)
     return problems + locations + memory_problems(spec, team, config)
 
@@ -105,7 +104,7 @@ def _location_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> 
                 out.append((field, f"scheme {scheme}:// is not allowed; use one of {config.storage_schemes}"))
         elif kind == "hub":
             continue
-        elif config.backend != "local":
+        elif not capabilities(config).reads_local_paths:
             out.append((field, "a local path means nothing to a cluster job; use object storage"))
         elif not location.startswith("/"):
             # the CLI makes a spec file's relative paths absolute before sending
@@ -196,7 +195,7 @@ def _may_read(location: str, team: Team, config: PlatformConfig) -> bool:
     kind = model_location_kind(location)
     if kind == "uri":
         return location.split("://", 1)[0].lower() in config.storage_schemes
-    return kind == "path" and config.backend == "local" and readable(location, team, config)
+    return kind == "path" and capabilities(config).reads_local_paths and readable(location, team, config)
 
 
 def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
@@ -220,12 +219,13 @@ def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Pro
 
 
 def host_memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
-    """A CPU job on the local backend whose estimate for all its workers (one machine holds them all) does not
-    fit the machine's memory (`local.memory`), as GPU jobs are checked against one GPU of their pool."""
-    if config.backend != "local" or spec.distributed.gpus_per_worker:
+    """A CPU job on a backend that runs all its workers on one machine whose estimate for all of them does not
+    fit that machine's memory (`local.memory`), as GPU jobs are checked against one GPU of their pool."""
+    host = capabilities(config).host_memory_bytes
+    if host is None or spec.distributed.gpus_per_worker:
         return []
     found = memory_check(spec, team, config).estimate
-    host, workers = config.local.memory_bytes(), spec.distributed.num_workers
+    workers = spec.distributed.num_workers
     if found is None or fits(found.total * workers, host):
         return []
     field, levers = _memory_levers(spec, found)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuneplane.gate import EVAL_LOSS, GateVerdict, base_number, fmt, headline, number
+from tuneplane.publishing.gate import EVAL_LOSS, GateVerdict, base_number, fmt, headline, number
 from tuneplane.spec import TuningSpec
 
 _QUALITY = (
