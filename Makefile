@@ -9,10 +9,12 @@ HELM   := build/bin/helm
 # axe-core, for the console's accessibility check in the browser tests (tests/test_console_browser.py).
 AXE_VERSION := 4.11.0
 AXE    := build/axe-core-$(AXE_VERSION)/axe.min.js
+# The console's uPlot and js-yaml, from npm at the versions and integrity hashes pinned in console/vendor.json.
+VENDOR := platform/tuneplane/console/vendor/.installed
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test lint bench schema chart-docs
-setup: $(STAMP) $(TINY) $(HELM) $(AXE) bwrap
+setup: $(STAMP) $(TINY) $(HELM) $(AXE) $(VENDOR) bwrap
 
 # bubblewrap sandboxes local jobs (platform/tuneplane/backends/sandbox.py): Debian's package, when apt can install it.
 .PHONY: bwrap
@@ -40,6 +42,10 @@ $(AXE):
 	cd build/axe-tmp && npm pack --silent axe-core@$(AXE_VERSION) >/dev/null && tar -xzf axe-core-*.tgz
 	mkdir -p $(dir $@) && cp build/axe-tmp/package/axe.min.js build/axe-tmp/package/LICENSE $(dir $@)
 	rm -rf build/axe-tmp
+
+$(VENDOR): platform/tuneplane/console/vendor.json platform/tuneplane/devtools/console_vendor.py
+	$(PYTHON) platform/tuneplane/devtools/console_vendor.py
+	touch $@
 
 $(TINY): $(STAMP)
 	$(PY) -m tuneplane.devtools.tiny build/tiny-llama

@@ -31,10 +31,11 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what the package build needs (README.md is the project's readme in pyproject.toml).
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY platform ./platform
 # Not editable: the package is copied into site-packages (with its Alembic migrations as package data), so the
-# runtime stage needs no source tree. The `train` extra (torch, Ray, DeepSpeed, ...) is deliberately left out.
+# runtime stage needs no source tree. Building it fetches the console's npm libraries at their pinned integrity
+# (setup.py's build hook, platform/tuneplane/console/vendor.json): the build needs registry.npmjs.org. The `train` extra (torch, Ray, DeepSpeed, ...) is deliberately left out.
 RUN pip install -c constraints.txt ".[server]" ${PREFLIGHT_PACKAGES} \
     && python -c "import tuneplane.api, tuneplane.backends.kuberay" \
     && ! python -c "import torch" 2>/dev/null

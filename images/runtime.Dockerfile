@@ -47,7 +47,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 #    mlflow, safetensors) pinned by constraints.txt. `torch==2.13.0` there is satisfied by the CUDA build above
 #    (local version labels such as +cu128 match), and `ray==2.60.0` by the Ray already in the image.
 #    Not editable: the source folder is removed afterwards.
-COPY --chown=1000:100 pyproject.toml README.md constraints.txt ./
+COPY --chown=1000:100 pyproject.toml setup.py README.md constraints.txt ./
 COPY --chown=1000:100 platform ./platform
 RUN pip install -c constraints.txt ".[train]" \
     && python -c "import torch, ray, deepspeed, peft, transformers, mlflow, tuneplane.train; \

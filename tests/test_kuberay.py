@@ -19,7 +19,7 @@ import yaml
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from tests.support.config import REPO
+from tests.support.config import REPO, upstream_schema
 from tests.support.kube_api import KubeApiServer
 from tests.support.manifests import (
     containers,
@@ -47,8 +47,8 @@ from tuneplane.config import PlatformConfig
 from tuneplane.errors import BackendError
 from tuneplane.spec import load_spec, parse_spec
 
-# The real CRD of KubeRay v1.7.0, vendored (a copy of ../shared/schemas) so CI needs nothing outside the repo.
-CRD = REPO / "tests" / "schemas" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
+# The real CRD of KubeRay v1.7.0, read in place from ../shared/schemas/ (tests.support.config.upstream_schema).
+CRD = "kuberay-v1.7.0/ray.io_rayjobs.yaml"
 
 SECRET_SENTINEL = "sentinel-secret-value-9f2c"
 STORAGE_ENV = {
@@ -133,7 +133,7 @@ def rayjob_containers(rayjob: dict[str, Any]) -> Iterator[tuple[str, dict[str, A
 
 @pytest.fixture(scope="module")
 def crd_schema() -> dict[str, Any]:
-    return load_crd_schema(CRD)
+    return load_crd_schema(upstream_schema(CRD))
 
 
 @pytest.mark.parametrize(("name", "kueue", "storage_env"), CASES)

@@ -11,6 +11,22 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "jobs" / "data"
+# Others' schemas (KubeRay's and KServe's CRDs) are read where they are provided, beside the checkout; the
+# repository never carries copies of them.
+UPSTREAM_SCHEMAS = REPO.parent / "shared" / "schemas"
+
+
+def upstream_schema(relative: str) -> Path:
+    """An upstream schema file under ../shared/schemas/, or the test skips saying which folder lacks it."""
+    import pytest
+
+    path = UPSTREAM_SCHEMAS / relative
+    if not path.is_file():
+        pytest.skip(
+            f"{relative} is not in {UPSTREAM_SCHEMAS} (the upstream schemas folder, ../shared/schemas/)"
+        )
+    return path
+
 
 # The PostgreSQL server the `postgres_url` fixture creates its databases on (tests skip when none answers).
 PG_ADMIN_URL = os.environ.get("TUNEPLANE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
