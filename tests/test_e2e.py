@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,11 +72,37 @@ def test_job_survives_an_api_crash_and_registers_its_adapter(
         assert len(metrics["history"]["loss"]) >= 20
         log = "\n".join(client.logs(job_id))
         assert '"model_uri"' in log  # the entrypoint's final summary
+        _assert_plain_log(log, steps=60, every=2)
         transitions = [e["to_state"] for e in client.events(job_id) if e["to_state"]]
         assert transitions == ["PENDING", "VALIDATING", "QUEUED", "SUBMITTED", "RUNNING", "SUCCEEDED"]
     with Client(server.url, token="tok-beta") as other_team:
         assert other_team.models() == []  # beta sees no adapter of alpha's
         assert other_team.jobs()["items"] == []
+    _assert_quiet_sample(final["model_uri"], Home(tmp_path).tracking_uri)
+
+
+def _assert_quiet_sample(model_uri: str, tracking_uri: str) -> None:
+    """`submit --wait --sample` (and so `make demo`) loads the registered model as a consumer does and prints only
+    the platform's line: no library warning (shown here: -W default), progress bar or log line."""
+    code = f"from tuneplane.cli.jobs import _sample; _sample({model_uri!r}, 'Is 41 even or odd?')"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == "", done.stderr[-3000:]  # warnings, progress bars and library logs all go there
+    assert done.stdout.startswith("sample: 'Is 41 even or odd?' -> "), done.stdout
+
+
+def _assert_plain_log(log: str, steps: int, every: int) -> None:
+    """The stored log has one line per event, in plain text: each logged step once, no terminal colour codes."""
+    assert "\x1b[" not in log, "terminal escape codes in the stored log"
+    step_lines = [
+        line.split("[tuneplane] ", 1)[1] for line in log.splitlines() if "[tuneplane] step " in line
+    ]
+    numbers = [int(line.split()[1].split("/")[0]) for line in step_lines]
+    assert sorted(numbers) == sorted(set(numbers)), f"step lines repeated: {numbers}"
+    assert set(range(every, steps + 1, every)) <= set(numbers), numbers
 
 
 def _pgid(pid: int) -> int | None:
@@ -162,3 +190,5 @@ def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
         filter_string=f"tags.`tuneplane.job_id` = '{job_id}'",
     )
     assert [r.info.status for r in runs] == ["KILLED"]
+    log = (tmp_path / "jobs" / job_id / "train.log").read_text()
+    assert "[tuneplane] cancelled" in log and "Traceback" not in log, log[-3000:]

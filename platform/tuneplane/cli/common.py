@@ -76,6 +76,9 @@ def quiet_libraries() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # Some libraries set their own filters inside (MLflow shows its type-hint note "once" whatever the
+            # caller's filter): nothing is shown while the original display function is swapped out.
+            warnings.showwarning = lambda *args, **kwargs: None
             for logger in loggers:
                 logger.setLevel(logging.ERROR)
             yield

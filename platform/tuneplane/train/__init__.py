@@ -5,9 +5,10 @@ Public surface:
     RunResult     final metrics, the registered model URI, the saved model folder
     run           spec + settings -> a Ray Train job, followed to the end and published
     TrainingFailed  raised when the run fails for good, with the first worker's error as its message
+    Cancelled     raised when a SIGTERM (a cancel) ended the run, which is marked KILLED
 """
 
 from tuneplane.errors import TrainingFailed
-from tuneplane.train.launcher import RunResult, RunSettings, run
+from tuneplane.train.launcher import Cancelled, RunResult, RunSettings, run
 
-__all__ = ["RunResult", "RunSettings", "TrainingFailed", "run"]
+__all__ = ["Cancelled", "RunResult", "RunSettings", "TrainingFailed", "run"]

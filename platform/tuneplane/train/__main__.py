@@ -20,7 +20,7 @@ from tuneplane.files import Confinement
 from tuneplane.home import Home, ensure_sqlite_folder
 from tuneplane.raylocal import use_loopback
 from tuneplane.spec import load_spec
-from tuneplane.train.launcher import RunSettings, run
+from tuneplane.train.launcher import Cancelled, RunSettings, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = run(spec, settings)
+    except Cancelled:  # an expected ending: one line, no traceback
+        print(
+            "[tuneplane] cancelled: training stopped, the run is marked KILLED", file=sys.stderr, flush=True
+        )
+        return 128 + signal.SIGTERM
     except TuneplaneError as exc:  # a worker's error, a base model that cannot load, a bad checkpoint...
         print(f"training failed: {exc}", file=sys.stderr)
         return 1

@@ -53,11 +53,16 @@ class RunResult:
     gate: dict[str, Any] | None = None  # the gate's verdict (status, checks, failures)
 
 
-class _Terminated(Exception):
-    """Raised in the main thread by the SIGTERM handler, to unwind out of Ray's wait."""
+class Cancelled(Exception):
+    """Raised in the main thread by the SIGTERM handler, to unwind out of Ray's wait: an expected ending (the run
+    is already marked KILLED), which the entrypoint reports in one line."""
 
 
 _GRACE_S = 20
+# The job's log (the driver's output) holds each line once, as plain text. Ray Train's print patch would log
+# every print of a worker a second time through its own console handler, and Ray's driver would wrap each
+# worker's `(RayTrainWorker pid=...)` prefix in terminal colour codes.
+PLAIN_LOG_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_COLOR_PREFIX": "0"}
 
 
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
@@ -96,7 +101,7 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
             str(model_dir),
             published.verdict.to_dict(),
         )
-    except (_Terminated, KeyboardInterrupt, SystemExit):
+    except (Cancelled, KeyboardInterrupt, SystemExit):
         job_run.kill()
         raise
     except BaseException:
@@ -114,11 +119,13 @@ def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
     # Locally: no dashboard (never exposed without auth) and enough logical CPUs for the workers.
     needed = int(dist_spec.num_workers * dist_spec.cpus_per_worker) + 1
     starts_one = settings.ray_address in (None, "local")
+    os.environ.update(PLAIN_LOG_ENV)  # read by this driver as it prints the workers' lines
     ray.init(
         address=settings.ray_address,
         num_cpus=max(os.cpu_count() or 1, needed) if starts_one else None,
         include_dashboard=False,
         log_to_driver=True,
+        runtime_env={"env_vars": PLAIN_LOG_ENV},  # and by every worker, on any node
     )
 
 
@@ -223,7 +230,7 @@ def _sigterm_handler(on_kill: Callable[[], None]) -> Callable[[int, FrameType | 
         timer = threading.Timer(_GRACE_S, lambda: os._exit(128 + signum))
         timer.daemon = True
         timer.start()
-        raise _Terminated()
+        raise Cancelled()
 
     return handler
 
