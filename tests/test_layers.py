@@ -84,3 +84,29 @@ def test_no_import_circles() -> None:
         if node not in seen:
             visit(node, [node])
     assert not circles, "\n".join(circles)
+
+
+# Who may call Ray: the recipes reach Ray Train through train/worker.py only; the launcher builds the job.
+RAY_CALLERS = {
+    "tuneplane.train.worker",
+    "tuneplane.train.launcher",
+    "tuneplane.raylocal",
+    "tuneplane.backends.local",
+    "tuneplane.devtools.cluster",
+}
+
+
+def test_ray_is_called_from_few_places() -> None:
+    callers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            if any(name == "ray" or name.startswith("ray.") for name in names):
+                callers.add(_module_name(path))
+    assert callers <= RAY_CALLERS, sorted(callers - RAY_CALLERS)

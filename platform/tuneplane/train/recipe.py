@@ -11,8 +11,9 @@
 
 The worker gets the spec and a `WorkerSettings` from the launcher; nothing comes from the environment except
 what Ray and torch.distributed set up. Which recipe a method runs is `recipes.RECIPES`' answer; a method that
-trains differently subclasses this one (`preference_recipe.py`) and overrides its hooks. Builders live in `builders.py`, metrics maths in `metrics.py`, checkpoint
-layout in `checkpointing.py`, evaluation in `evaluate.py`.
+trains differently subclasses this one (`preference_recipe.py`) and overrides its hooks. What a recipe asks of
+Ray Train is `worker.py`; builders live in `builders.py`, metrics maths in `metrics.py`, checkpoint layout in
+`checkpointing.py`, evaluation in `evaluate.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from tuneplane.files import Confinement
 from tuneplane.pretrained import download_adapter, load_tokenizer
 from tuneplane.spec import TuningSpec
 from tuneplane.tracking.run import JobRun
-from tuneplane.train import checkpointing, evaluate
+from tuneplane.train import checkpointing, evaluate, worker
 from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
 from tuneplane.train.loss import SourceTally, causal_lm_loss
 from tuneplane.train.metrics import StepWindow, count_params, flops_per_token, source_names
@@ -84,19 +84,21 @@ class InstructionTuningRecipe:
     def setup(self) -> bool:
         """Everything training needs; False when the checkpoint to resume from is a finished run's last one."""
         import deepspeed
-        import ray.train
 
         spec, hp = self.spec, self.spec.hyperparameters
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.node_id = ray.get_runtime_context().get_node_id()
         on_gpu = torch.cuda.is_available() and spec.distributed.gpus_per_worker > 0
-        self.device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+        where = worker.placement(on_gpu)
+        self.rank, self.world, self.node_id, self.device = (
+            where.rank,
+            where.world,
+            where.node_id,
+            where.device,
+        )
         # The shared-memory comm op would be JIT-compiled on first use (+30 s, ~3 GB); gloo/nccl are enough.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         _seed_everything(hp.seed)  # same seed on every rank: identical LoRA init before DeepSpeed broadcasts
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = worker.latest_checkpoint()
         if checkpoint and self._republish_if_final(checkpoint):
             return False
         self.run = JobRun(self.settings.tracking_uri, self.settings.run_id) if self.rank == 0 else JobRun()
@@ -178,9 +180,9 @@ class InstructionTuningRecipe:
         return max(1, int(count.item()) * (hp.epochs or 1) // hp.gradient_accumulation_steps)
 
     def _resume(self, checkpoint: Any) -> dict[str, Any]:
-        with checkpoint.as_directory() as folder:
+        with worker.opened(checkpoint) as folder:
             data_state, meta = checkpointing.read(
-                Path(folder), self.engine, self.rank, self.world, elastic=self.spec.distributed.elastic
+                folder, self.engine, self.rank, self.world, elastic=self.spec.distributed.elastic
             )
         known = {f.name for f in fields(RecipeState)}
         self.state = RecipeState(**{k: v for k, v in meta.items() if k in known})
@@ -301,16 +303,16 @@ class InstructionTuningRecipe:
     # -------------------------------------------------------------------------------------------- save
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Ray registers the checkpoint only once every rank has reported: a partial one is never used."""
+        """Every rank's part of the checkpoint, reported together (none is used until all have reported)."""
         stream_state = self.stream.state_dict()
         self.state.source_tokens = list(self.window.source_totals)
-        with _report_folder("ckpt") as folder:
+        with worker.report_folder("ckpt") as folder:
             checkpointing.write(folder, self.engine, stream_state, self.rank, self.world, asdict(self.state))
-            _report(metrics | {"step": self.state.step}, folder)
+            worker.report(metrics | {"step": self.state.step}, folder)
 
     def save_final(self, final: dict[str, Any]) -> None:
         """The tuned model and the final metrics, reported as the run's last checkpoint."""
-        with _report_folder("final") as folder:
+        with worker.report_folder("final") as folder:
             checkpointing.save_model(
                 self.engine,
                 self.spec,
@@ -322,18 +324,18 @@ class InstructionTuningRecipe:
             if self.rank == 0:
                 metrics = final | {"base_zero_shot": self.state.base_zero_shot}
                 (folder / checkpointing.FINAL_METRICS).write_text(json.dumps(metrics))
-            _report({"step": self.state.step, "final": 1}, folder)
+            worker.report({"step": self.state.step, "final": 1}, folder)
 
     def _republish_if_final(self, checkpoint: Any) -> bool:
         """The last checkpoint of a finished run holds the final model: report it again as this run's result."""
-        with checkpoint.as_directory() as folder, _report_folder("final") as out:
-            final = checkpointing.final_metrics(Path(folder))
+        with worker.opened(checkpoint) as folder, worker.report_folder("final") as out:
+            final = checkpointing.final_metrics(folder)
             if final is None:
                 return False
             if self.rank == 0:
                 shutil.copytree(folder, out, dirs_exist_ok=True)
             self._log(f"job already finished at step {final['step']}: republishing its final checkpoint")
-            _report({"step": final["step"], "final": 1}, out)
+            worker.report({"step": final["step"], "final": 1}, out)
         return True
 
     def cleanup(self) -> None:
@@ -357,20 +359,3 @@ def _ranks_with_data(flag: bool, device: torch.device) -> int:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value)
     return int(value.item())
-
-
-@contextmanager
-def _report_folder(kind: str) -> Iterator[Path]:
-    """A fresh temporary folder for one report, removed once Ray has copied it to run storage."""
-    folder = Path(tempfile.mkdtemp(prefix=f"tuneplane-{kind}-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _report(metrics: dict[str, Any], folder: Path) -> None:
-    """`ray.train.report` is a barrier: every rank calls it, with its own part of the checkpoint."""
-    import ray.train
-
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
