@@ -4,6 +4,7 @@ the new version records."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 from pathlib import Path
@@ -13,11 +14,13 @@ import pytest
 import torch
 
 from tests.support.config import REPO, platform_config
+from tuneplane.backends.capabilities import KUBERAY_ID_LENGTH
 from tuneplane.control.admission import policy_problems
 from tuneplane.errors import PretrainedError, SpecError
 from tuneplane.pretrained import fetch_adapter
 from tuneplane.spec import TuningSpec, adapter_is_job_id, load_spec, parse_spec
 from tuneplane.store.jobs import new_job_id
+from tuneplane.store.models import ID_LENGTH
 from tuneplane.train.builders import load_model
 
 FINAL = {"step": 1, "tokens": 10}
@@ -133,11 +136,13 @@ def test_a_team_builds_only_on_its_own_versions_and_by_number(tiny_dir, tmp_path
     problems = dict(policy_problems(spec, "alpha", config))
     assert problems["model.adapter"] == "models:/beta.secret-adapter/1 is not a model of team alpha"
     assert "model.adapter" not in dict(policy_problems(spec, "beta", config))
-    for name in ("tiny-cpu", "a" * 63):  # what the store's ids look like is what the spec takes as a job id
-        job_id = new_job_id(name)
-        assert adapter_is_job_id(job_id) and parse_spec(_spec(tiny_dir, adapter=job_id).to_dict())
+    # What the store's ids look like, for every backend's id length, is what the spec takes as a job id.
+    for name, length in itertools.product(("tiny-cpu", "a" * 63), (KUBERAY_ID_LENGTH, ID_LENGTH)):
+        job_id = new_job_id(name, length)
+        assert len(job_id) <= length and adapter_is_job_id(job_id), job_id
+        assert parse_spec(_spec(tiny_dir, adapter=job_id).to_dict())
     with pytest.raises(PretrainedError, match="a job id is resolved by the API on submit"):
-        fetch_adapter(_spec(tiny_dir, adapter=new_job_id("sft")).model, "sqlite:///x.db", tmp_path)
+        fetch_adapter(_spec(tiny_dir, adapter=new_job_id("sft", ID_LENGTH)).model, "sqlite:///x.db", tmp_path)
     for bad in (
         "models:/alpha.x/latest",
         "models:/alpha.x@champion",

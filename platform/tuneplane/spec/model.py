@@ -11,9 +11,9 @@ from tuneplane.spec._fields import MAX_URI, LocationKind, _check_uri, _Strict, m
 
 # A registered version by number: what a job was tuned from must not change under it (no aliases or `latest`).
 _REGISTERED = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]{0,255}/[1-9][0-9]{0,8}$")
-# A job's id, as store.jobs.new_job_id makes it: the spec's name (at most 53 characters, cut shorter where the
-# backend takes shorter names) and 8 hex digits.
-_JOB_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,52}-[0-9a-f]{8}$")
+# A job's id, as store.jobs.new_job_id makes it: the spec's name, cut to fit the backend's id length (at most
+# the store's 63 characters), and 8 hex digits.
+_JOB_ID = re.compile(r"^[a-z0-9][-a-z0-9]{0,53}-[0-9a-f]{8}$")
 
 
 def adapter_is_job_id(adapter: str) -> bool:
