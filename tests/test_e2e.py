@@ -191,4 +191,5 @@ def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
     )
     assert [r.info.status for r in runs] == ["KILLED"]
     log = (tmp_path / "jobs" / job_id / "train.log").read_text()
-    assert "[tuneplane] cancelled" in log and "Traceback" not in log, log[-3000:]
+    # One line says so, and no traceback of the cancel follows (it once ended in `_Terminated`).
+    assert "[tuneplane] cancelled" in log and "launcher.Cancelled" not in log, log[-3000:]

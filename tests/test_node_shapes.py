@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.config import H100_NODE, REPO
+from tests.support.config import H100_NODE, REPO, upstream_schema
 from tests.support.manifests import load_crd_schema, schema_errors
 from tests.test_kuberay import CRD, H100, make_config
 from tuneplane.backends.base import BackendJob
@@ -80,7 +80,7 @@ def test_pod_holds_its_workers_cpus_and_memory() -> None:
 
 @pytest.fixture(scope="module")
 def crd_schema() -> dict[str, Any]:
-    return load_crd_schema(CRD)
+    return load_crd_schema(upstream_schema(CRD))
 
 
 @pytest.mark.parametrize(("gpus", "pods"), [(1, [1]), (8, [8]), (16, [8, 8]), (12, [8, 4])])

@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = run(spec, settings)
-    except Cancelled:  # an expected ending: one line, no traceback
-        print(
-            "[tuneplane] cancelled: training stopped, the run is marked KILLED", file=sys.stderr, flush=True
-        )
+    except Cancelled:  # an expected ending: the SIGTERM handler wrote its one line, no traceback follows
         return 128 + signal.SIGTERM
     except TuneplaneError as exc:  # a worker's error, a base model that cannot load, a bad checkpoint...
         print(f"training failed: {exc}", file=sys.stderr)

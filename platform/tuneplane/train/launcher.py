@@ -60,9 +60,11 @@ class Cancelled(Exception):
 
 _GRACE_S = 20
 # The job's log (the driver's output) holds each line once, as plain text. Ray Train's print patch would log
-# every print of a worker a second time through its own console handler, and Ray's driver would wrap each
-# worker's `(RayTrainWorker pid=...)` prefix in terminal colour codes.
-PLAIN_LOG_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_COLOR_PREFIX": "0"}
+# every print of a worker a second time through its own console handler; Ray's driver would wrap each worker's
+# `(RayTrainWorker pid=...)` prefix in terminal colour codes, and fold lines of several workers that differ only
+# in their numbers into one, with a coloured "[repeated Nx across cluster]".
+PLAIN_LOG_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "0"}
+CANCEL_LINE = b"[tuneplane] cancelled: training stops, the run is marked KILLED\n"
 
 
 def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
@@ -72,8 +74,9 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     confine_process(settings.confinement)  # the driver reads the team's files too (preflight, filter, tasks)
     job_run = JobRun()  # does nothing until started
     previous = signal.getsignal(signal.SIGTERM)
+    terminated = threading.Event()  # set by the first SIGTERM
     # From the start: a cancel during the data preflight must end the run KILLED too.
-    signal.signal(signal.SIGTERM, _sigterm_handler(lambda: job_run.kill()))
+    signal.signal(signal.SIGTERM, _sigterm_handler(lambda: job_run.kill(), terminated))
     try:
         job_run = JobRun.start(
             spec, settings.job_id, settings.tracking_uri, settings.artifact_root, settings.team
@@ -85,7 +88,7 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         data_filter = _data_filter(spec)
         _start_ray(spec.distributed, settings)
         # After ray.init, which installs a SIGTERM handler of its own.
-        signal.signal(signal.SIGTERM, _sigterm_handler(job_run.kill))
+        signal.signal(signal.SIGTERM, _sigterm_handler(job_run.kill, terminated))
         drop = data_filter.drop.to_bytes() if len(data_filter.drop) else None
         result = _fit(build_trainer(spec, settings, job_run.run_id, drop, adapter_at))
         final, model_dir = _collect(result, settings)
@@ -105,6 +108,8 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
         job_run.kill()
         raise
     except BaseException:
+        if terminated.is_set():  # the cancel unwound through Ray, which may have raised something else
+            raise Cancelled() from None
         job_run.fail()
         raise
     finally:
@@ -217,15 +222,18 @@ def _unwrap(exc: Exception) -> TrainingFailed:
     return TrainingFailed(f"worker {rank}: {type(cause).__name__}: {cause}")
 
 
-def _sigterm_handler(on_kill: Callable[[], None]) -> Callable[[int, FrameType | None], None]:
-    """SIGTERM (pod deletion, cancel): record the run as KILLED at once, then unwind; if Ray holds the main
-    thread past a grace period, exit hard so the pod does not hang until SIGKILL."""
-    terminated = threading.Event()
+def _sigterm_handler(
+    on_kill: Callable[[], None], terminated: threading.Event
+) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM (pod deletion, cancel): say so in the log and record the run as KILLED at once, then unwind; if
+    Ray holds the main thread past a grace period, exit hard so the pod does not hang until SIGKILL. The line is
+    written first, straight to stderr, because the process may end by that hard exit."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if terminated.is_set():
             return
         terminated.set()
+        os.write(2, CANCEL_LINE)
         on_kill()
         timer = threading.Timer(_GRACE_S, lambda: os._exit(128 + signum))
         timer.daemon = True
