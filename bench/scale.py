@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from tuneplane.devtools.cluster import LoopbackCluster
+from tuneplane.devtools.cluster import CHECKPOINT_SNAPSHOT, LoopbackCluster, registered_checkpoints
 from tuneplane.raylocal import use_loopback
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 
@@ -198,10 +198,12 @@ def tokens_per_s(spec: TuningSpec, work: Path, name: str) -> float:
 
 
 def _kill_after_first_checkpoint(cluster: LoopbackCluster, folder: Path, marks: dict[str, float]) -> None:
-    """In a thread beside the run: SIGKILL the last worker node once a checkpoint exists, then replace it."""
+    """In a thread beside the run: SIGKILL the last worker node once Ray Train registered a checkpoint, then
+    replace it."""
+    snapshot = folder / CHECKPOINT_SNAPSHOT
     deadline = time.time() + 600
     while time.time() < deadline:
-        if any(p.name.startswith("checkpoint_") for p in folder.glob("*")):
+        if registered_checkpoints(snapshot.read_bytes() if snapshot.exists() else None):
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             marks["kill"] = time.time()
             cluster.kill_node(cluster.nodes[-1])

@@ -19,14 +19,18 @@ import yaml
 
 from tests.support.config import REPO
 from tests.support.mlflow_server import mlflow_server
-from tuneplane.devtools.cluster import LoopbackCluster, LoopbackNode
+from tuneplane.devtools.cluster import (
+    CHECKPOINT_SNAPSHOT,
+    LoopbackCluster,
+    LoopbackNode,
+    registered_checkpoints,
+)
 from tuneplane.spec import TuningSpec, parse_spec
 from tuneplane.train import RunSettings, run
 
 pytestmark = pytest.mark.slow
 
 EPOCH = 600  # records in the elastic test's one epoch
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +201,7 @@ def _kill_node_after_first_checkpoint(
     deadline = time.time() + 600
     while time.time() < deadline:
         fs.invalidate_cache()
-        if fs.exists(snapshot) and json.loads(fs.cat(snapshot))["checkpoint_results"]:
+        if registered_checkpoints(fs.cat(snapshot) if fs.exists(snapshot) else None):
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             killed.extend(cluster.kill_node(victim))
             if replace:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.support.config import REPO
+from tuneplane.devtools.cluster import CHECKPOINT_SNAPSHOT, registered_checkpoints
 from tuneplane.spec import TuningSpec, parse_spec, resolve_paths
 from tuneplane.train import RunResult, RunSettings, TrainingFailed, run
 
@@ -293,20 +294,13 @@ def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate
     assert "MODEL_CARD.md" in artifacts
 
 
-def _registered_checkpoints(snapshot: Path) -> list[Any]:
-    try:
-        return json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-        return []
-
-
 def _kill_a_worker_after_first_checkpoint(storage: Path, job_id: str, killed: list[int]) -> None:
     import psutil
 
     deadline = time.time() + 600
     while time.time() < deadline:
-        # Once Ray Train has registered a checkpoint (a folder appears with the first rank's upload already).
-        if _registered_checkpoints(storage / job_id / "checkpoint_manager_snapshot.json"):
+        snapshot = storage / job_id / CHECKPOINT_SNAPSHOT
+        if registered_checkpoints(snapshot.read_bytes() if snapshot.exists() else None):
             time.sleep(1.5)  # let training go past the checkpoint, so work is lost and redone
             for proc in psutil.process_iter(["cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):

@@ -109,3 +109,21 @@ class LoopbackCluster:
             # Node labels let a test see where each worker ran without trusting its own report.
             "include_dashboard": False,
         }
+
+
+# Ray Train's record of the checkpoints its controller registered, in the run's storage folder.
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoints(snapshot_text: str | bytes | None) -> int:
+    """How many checkpoints Ray Train has registered, from its snapshot's text (None: not written yet). A
+    checkpoint folder appears with the first rank's upload, and even a complete one is only used once the
+    controller has taken every rank's report: this is the moment a kill leaves a usable checkpoint behind."""
+    import json
+
+    if not snapshot_text:
+        return 0
+    try:
+        return len(json.loads(snapshot_text)["checkpoint_results"])
+    except (ValueError, KeyError, TypeError):  # caught mid-write
+        return 0
