@@ -77,8 +77,7 @@ def test_team_policy_pools_and_gpu_quota(tmp_path: Path, spec: dict) -> None:
     config = platform_config(
         tmp_path,
         f"sqlite:///{tmp_path / 'db'}",
-        backend="kuberay",
-        kuberay={"api_server": "http://127.0.0.1:9"},
+        backend={"type": "kuberay", "api_server": "http://127.0.0.1:9"},
     )
     gpu = load_spec(REPO / "jobs" / "llama3-8b-lora-zero2.yaml").to_dict()  # data and model on S3
     gpu["distributed"].update(gpus_per_worker=1, gpu_pool="h100", num_workers=2)

@@ -279,7 +279,7 @@ def _image_tag(image: str) -> str | None:
 def test_images_are_pinned(name: str) -> None:
     objs = rendered(name)
     images = [c["image"] for _, pod in pod_templates(objs) for c in containers(pod["spec"])]
-    images.append(yaml.safe_load(platform_config_text(objs))["kuberay"]["image"])  # the jobs' runtime image
+    images.append(yaml.safe_load(platform_config_text(objs))["backend"]["image"])  # the jobs' runtime image
     for image in images:
         tag = _image_tag(image)
         assert tag, f"{image}: no tag"
@@ -380,7 +380,7 @@ def test_platform_config_is_valid_for_the_app(name: str) -> None:
     objs = rendered(name)
     values = chart_values(name)
     config = platform_config(objs)
-    assert config.backend == "kuberay"
+    assert config.backend.type == "kuberay"
     assert [t.name for t in config.teams] == [t["name"] for t in values["config"]["teams"]]
     assert set(config.gpu_pools) == set(values["config"]["gpuPools"])
     assert config.kuberay.image == "ghcr.io/tuneplane/runtime:0.1.0"
@@ -584,7 +584,7 @@ def test_external_mlflow_replaces_the_bundled_one() -> None:
     objs = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
     assert not [o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "mlflow"]
     config = yaml.safe_load(platform_config_text(objs))
-    assert config["tracking_uri"] == config["kuberay"]["tracking_uri"] == uri
+    assert config["tracking_uri"] == config["backend"]["tracking_uri"] == uri
     # The jobs' MLflow egress: by default any address on the URI's port (no bundled pods to name).
     mlflow = platform_config(objs).kuberay.network_policy.mlflow
     assert mlflow is not None and mlflow.peers == [] and mlflow.ports == [443]

@@ -89,6 +89,14 @@ def test_config_check_names_the_field(tmp_path: Path) -> None:
     good.write_text(yaml.safe_dump({"teams": [{"name": "a"}, {"name": "b"}], "data_roots": [str(tmp_path)]}))
     out = runner.invoke(app, ["config", "check", str(good)])
     assert out.exit_code == 0 and "teams a, b" in out.output
+    # The backend is one section tagged by its type; the older top-level sections get a message saying so.
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"backend": "kuberay", "kuberay": {"image": "runtime:1"}}))
+    out = runner.invoke(app, ["config", "check", str(old)])
+    assert out.exit_code == 2 and "backend: {type: kuberay, ...}" in out.output, out.output
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(yaml.safe_dump({"backend": {"type": "kuberay", "image": "runtime:1"}}))
+    assert runner.invoke(app, ["config", "check", str(tagged)]).exit_code == 0
     schema = runner.invoke(app, ["config", "schema"])
     assert '"gpu_pools"' in schema.output
 

@@ -349,7 +349,7 @@ def test_validate_never_reaches_the_hub(tenants: dict[str, Path], monkeypatch) -
     monkeypatch.setattr(tuneplane.pretrained, "from_pretrained", no_network)
     spec = spec_reading(str(tenants["alpha"] / "train.jsonl"), model={"base": "meta-llama/Llama-3.1-8B"})
     # A machine an 8B model fits on, so that only the hub is in question.
-    config = confined_config(tenants, local={"memory": "4Ti"})
+    config = confined_config(tenants, backend={"type": "local", "memory": "4Ti"})
     with TestClient(create_app(config, run_reconciler=False)) as api:
         answer = api.post("/v1/validate", json=spec, headers=ALPHA).json()
     assert answer["ok"] is True and answer["data"] is None
@@ -443,7 +443,10 @@ def test_a_cpu_job_must_fit_the_machine_it_runs_on(tenants: dict[str, Path]) -> 
     """A 1M-token sequence with packing once passed with a 44.5 GiB estimate on a 24 GiB machine."""
     spec = _alpha_spec(tenants)
     huge = {**spec, "data": {**spec["data"], "max_seq_len": 1_048_576}}
-    for config in (confined_config(tenants), confined_config(tenants, local={"memory": "4Gi"})):
+    for config in (
+        confined_config(tenants),
+        confined_config(tenants, backend={"type": "local", "memory": "4Gi"}),
+    ):
         with TestClient(create_app(config, run_reconciler=False)) as api:
             problem = refused(api, huge, "model.activation_checkpointing")
             assert "per worker" in problem["message"] and "usable of this machine's" in problem["message"]

@@ -69,11 +69,11 @@ MI300 = {"node_selector": {"pool": "mi300"}, "resource_name": "amd.com/gpu"}
 def make_config(kueue: bool = False, storage_env: bool = True, **kuberay: Any) -> PlatformConfig:
     return PlatformConfig.model_validate(
         {
-            "backend": "kuberay",
             "teams": [{"name": "team-a", "namespace": "ml-team-a", "gpu_pools": ["h100", "mi300"]}],
             "gpu_pools": {"h100": H100, "mi300": MI300},
             "max_job_duration_s": 86400,
-            "kuberay": {
+            "backend": {
+                "type": "kuberay",
                 "image": "ghcr.io/tuneplane/runtime:0.1.0",
                 "service_account": "tuneplane-jobs",
                 "storage_path": "s3://tuneplane/runs",
@@ -435,7 +435,7 @@ def test_config_refuses_what_would_break_token_auth() -> None:
     assert make_config(ray_version="2.52.0").kuberay.ray_version == "2.52.0"
     token_env = {"RAY_AUTH_TOKEN": {"name": "mine", "key": "token"}}
     with pytest.raises(ValidationError, match="RAY_AUTH_TOKEN: set by the KubeRay operator"):
-        PlatformConfig.model_validate({"kuberay": {"storage_env": token_env}})
+        PlatformConfig.model_validate({"backend": {"type": "kuberay", "storage_env": token_env}})
 
 
 # ------------------------------------------------------------------------------------- network policy
@@ -1009,11 +1009,11 @@ def test_jobs_log_to_an_authenticated_mlflow_as_their_team_from_a_secret() -> No
             "name": name,
             "valueFrom": {"secretKeyRef": {"name": "tuneplane-mlflow-team", "key": key}},
         }
-    with pytest.raises(ValueError, match=r"kuberay\.tracking_secret"):
+    with pytest.raises(ValueError, match=r"backend\.tracking_secret"):
         PlatformConfig.model_validate(
             {
                 **config.model_dump(),
                 "tracking_uri": "http://tuneplane-mlflow:5000",
-                "kuberay": {**config.kuberay.model_dump(), "tracking_secret": None},
+                "backend": {**config.backend.model_dump(), "tracking_secret": None},
             }
         )

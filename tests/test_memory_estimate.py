@@ -143,8 +143,7 @@ def test_admission_refuses_a_job_its_pool_cannot_hold_naming_what_to_change(tmp_
     config = platform_config(
         tmp_path,
         f"sqlite:///{tmp_path / 'db'}",
-        backend="kuberay",
-        kuberay={"api_server": "http://127.0.0.1:9"},
+        backend={"type": "kuberay", "api_server": "http://127.0.0.1:9"},
     )
     off = dict(policy_problems(_recipe(RECIPES[1], activation_checkpointing="off"), "alpha", config))
     message = off["model.activation_checkpointing"]
@@ -157,7 +156,7 @@ def test_admission_refuses_a_job_its_pool_cannot_hold_naming_what_to_change(tmp_
 
 def test_validate_shows_the_estimate_in_the_cli_and_the_api(tmp_path: Path) -> None:
     config = tmp_path / "platform.yaml"
-    config.write_text(json.dumps({"backend": "kuberay", "gpu_pools": {"h100": H100_NODE}}))
+    config.write_text(json.dumps({"backend": {"type": "kuberay"}, "gpu_pools": {"h100": H100_NODE}}))
     runner = CliRunner()
     shown = runner.invoke(
         app, ["validate", str(REPO / "jobs" / RECIPES[0]), "--spec-only", "--config", str(config)]

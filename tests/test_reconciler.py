@@ -100,7 +100,7 @@ def test_quota_holds_jobs_back_until_the_team_has_room(plane, spec) -> None:
 
 
 def test_higher_priority_teams_go_first_and_a_full_team_does_not_block_others(tmp_path, db_url, spec) -> None:
-    config = platform_config(tmp_path, db_url, local={"max_concurrent_jobs": 2})
+    config = platform_config(tmp_path, db_url, backend={"type": "local", "max_concurrent_jobs": 2})
     db = Database(db_url)
     db.migrate()
     backend = RecordingBackend()

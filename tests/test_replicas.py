@@ -81,7 +81,6 @@ def job_spec(team: str, i: int) -> dict[str, Any]:
 
 def platform_config(db_url: str, kube_url: str) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "backend": "kuberay",
         "database_url": db_url,
         "teams": [
             {
@@ -95,7 +94,7 @@ def platform_config(db_url: str, kube_url: str) -> dict[str, Any]:
         "auth": {"tokens": [{"sha256": hash_token(token(team)), "team": team} for team in TEAMS]},
         "validate_data": False,
         "reconcile_interval_s": 0.2,
-        "kuberay": {"api_server": kube_url, "ttl_seconds_after_finished": 60},
+        "backend": {"type": "kuberay", "api_server": kube_url, "ttl_seconds_after_finished": 60},
     }
     if "validation_timeout_s" in PlatformConfig.model_fields:
         # A job left VALIDATING by the killed replica is taken over after validation_timeout_s + 30 s (90 s

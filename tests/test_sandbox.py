@@ -135,8 +135,10 @@ def test_several_teams_without_a_sandbox_refuse_to_start(tenants: dict[str, Path
     with pytest.raises(ConfigError) as caught:
         create_app(confined_config(tenants))
     [(field, message)] = caught.value.problems
-    assert field == "local.isolation" and "2 teams share this machine" in message and "bwrap" in message
-    create_app(confined_config(tenants, local={"isolation": "none"}))  # said knowingly: it starts
+    assert field == "backend.isolation" and "2 teams share this machine" in message and "bwrap" in message
+    create_app(
+        confined_config(tenants, backend={"type": "local", "isolation": "none"})
+    )  # said knowingly: it starts
     one_team = confined_config(tenants, teams=[{"name": "alpha"}])
     assert (
         sandbox.check_isolation(one_team)

@@ -4,7 +4,6 @@ not here: it comes from a Secret through TUNEPLANE_DATABASE_URL (or defaults to 
 */}}
 {{- define "tuneplane.platformConfig" -}}
 {{- $c := .Values.config -}}
-backend: kuberay
 home: {{ $c.home | quote }}
 tracking_uri: {{ include "tuneplane.trackingUri" . | quote }}
 tracking_auth: {{ .Values.mlflow.auth.enabled }}
@@ -48,7 +47,8 @@ gpu_pools: {}
 {{- end }}
 auth:
   tokens_file: /etc/tuneplane/auth/tokens.yaml
-kuberay:
+backend:
+  type: kuberay
   image: {{ include "tuneplane.runtimeImage" . | quote }}
   image_pull_policy: {{ .Values.runtimeImage.pullPolicy | quote }}
   ray_version: {{ $c.kuberay.rayVersion | quote }}
@@ -84,7 +84,7 @@ auto_migrate: {{ $c.autoMigrate }}
 {{- end }}
 
 {{/*
-kuberay.network_policy (tuneplane.config.JobNetworkPolicy), as YAML, from config.kuberay.networkPolicy and
+backend.network_policy (tuneplane.config.JobNetworkPolicy), as YAML, from config.kuberay.networkPolicy and
 networkPolicy.dns. The model's own defaults for the API and MLflow peers are pods labelled tuneplane api/mlflow in
 ANY namespace; here they are this release's pods in the release namespace, so another release, or a pod elsewhere
 that copies those labels, is not admitted.

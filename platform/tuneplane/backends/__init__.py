@@ -13,7 +13,7 @@ __all__ = ["Backend", "BackendJob", "Capabilities", "RunPhase", "RunStatus", "ma
 
 
 def make_backend(config: PlatformConfig) -> Backend:
-    if config.backend == "kuberay":
+    if config.backend.type == "kuberay":
         from tuneplane.backends.kuberay import KubeRayBackend
 
         return KubeRayBackend(config)

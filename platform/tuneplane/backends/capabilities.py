@@ -34,13 +34,15 @@ KUBERAY_ID_LENGTH = 47
 
 
 def _local(config: PlatformConfig) -> Capabilities:
+    local = config.local
+    assert local is not None, "PROFILES is keyed by the backend's type"
     return Capabilities(
         name="local",
         reads_local_paths=True,
         gpus=False,
         max_job_id_length=_LOCAL_ID_LENGTH,
-        host_memory_bytes=config.local.memory_bytes(),
-        max_concurrent_jobs=config.local.max_concurrent_jobs,
+        host_memory_bytes=local.memory_bytes(),
+        max_concurrent_jobs=local.max_concurrent_jobs,
         local_admin_token=True,
     )
 
@@ -79,9 +81,9 @@ PROFILES: dict[str, Profile] = {
 
 
 def capabilities(config: PlatformConfig) -> Capabilities:
-    return PROFILES[config.backend].capabilities(config)
+    return PROFILES[config.backend.type].capabilities(config)
 
 
 def backend_problems(spec: TuningSpec, config: PlatformConfig) -> Problems:
     """What the configured backend cannot run of `spec` (node shapes, GPUs), naming the field."""
-    return PROFILES[config.backend].problems(spec, config)
+    return PROFILES[config.backend.type].problems(spec, config)

@@ -31,6 +31,7 @@ from tuneplane.backends.capabilities import KUBERAY_ID_LENGTH, capabilities
 from tuneplane.backends.kuberay_network import JOB_ID_LABEL, job_network_policy, network_policy_name
 from tuneplane.backends.kuberay_pods import PodGroup, node_groups
 from tuneplane.config import GpuPool, PlatformConfig
+from tuneplane.config.kuberay import KubeRayBackend as KubeRaySettings
 from tuneplane.config.kuberay import SecretRef
 from tuneplane.errors import BackendError
 
@@ -53,6 +54,13 @@ _RESTRICTED = {
 }
 
 
+def settings(config: PlatformConfig) -> KubeRaySettings:
+    """The config's KubeRay section; a BackendError when the platform runs another backend."""
+    if config.kuberay is None:
+        raise BackendError(f"the platform config's backend is {config.backend.type}, not kuberay")
+    return config.kuberay
+
+
 def spec_configmap_name(job: BackendJob) -> str:
     return f"{job.id}-spec"
 
@@ -60,7 +68,7 @@ def spec_configmap_name(job: BackendJob) -> str:
 def labels_for(job: BackendJob, config: PlatformConfig) -> dict[str, str]:
     # Operator-supplied labels first: ours must win, the watch selector depends on managed-by.
     return {
-        **config.kuberay.labels,
+        **settings(config).labels,
         "app.kubernetes.io/name": "tuneplane",
         MANAGED_BY: "tuneplane",
         JOB_ID_LABEL: job.id,
@@ -84,7 +92,7 @@ def render_configmap(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
 
 def render_network_policy(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
     """The job's NetworkPolicy (see kuberay_network.py)."""
-    return job_network_policy(job, config.kuberay.network_policy, labels_for(job, config))
+    return job_network_policy(job, settings(config).network_policy, labels_for(job, config))
 
 
 def _cpu(value: float) -> str:
@@ -102,7 +110,7 @@ def _gpu_pool(job: BackendJob, config: PlatformConfig) -> GpuPool | None:
 
 
 def _env(job: BackendJob, config: PlatformConfig) -> list[dict[str, Any]]:
-    kr = config.kuberay
+    kr = settings(config)
     env: list[dict[str, Any]] = [
         {"name": "TUNEPLANE_JOB_ID", "value": job.id},
         {"name": "TUNEPLANE_TEAM", "value": job.team},
@@ -136,7 +144,7 @@ def _resources(requests: dict[str, str], **extended: str) -> dict[str, Any]:
 def _pod_template(
     job: BackendJob, config: PlatformConfig, container: dict[str, Any], **spec: Any
 ) -> dict[str, Any]:
-    kr = config.kuberay
+    kr = settings(config)
     container = {"image": kr.image, "imagePullPolicy": kr.image_pull_policy, **container}
     container["securityContext"] = copy.deepcopy(_RESTRICTED)  # no shared sub-dicts between containers
     pod: dict[str, Any] = {
@@ -220,7 +228,7 @@ def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
     worker, or one per node when the pool states its node shape) that runs the fixed entrypoint."""
     if len(job.id) > MAX_NAME:
         raise BackendError(f"job id '{job.id}' is longer than the {MAX_NAME} characters KubeRay accepts")
-    kr = config.kuberay
+    kr = settings(config)
     submitter = {"name": SUBMITTER, "resources": _resources({"cpu": "1", "memory": "1Gi"})}
 
     spec: dict[str, Any] = {
@@ -311,7 +319,7 @@ class KubeRayBackend:
         # 409 = created by an earlier submit.
         what = f"create ConfigMap {job.namespace}/{configmap['metadata']['name']}"
         self._call(what, self._core.create_namespaced_config_map, job.namespace, configmap, ignore=(409,))
-        if self.config.kuberay.network_policy.enabled:
+        if settings(self.config).network_policy.enabled:
             policy = render_network_policy(job, self.config)
             what = f"create NetworkPolicy {job.namespace}/{network_policy_name(job)}"
             self._call(what, self._net.create_namespaced_network_policy, job.namespace, policy, ignore=(409,))
@@ -358,7 +366,9 @@ class KubeRayBackend:
         name = spec_configmap_name(job)
         what = f"delete ConfigMap {job.namespace}/{name}"
         self._call(what, self._core.delete_namespaced_config_map, name, job.namespace, ignore=(404,))
-        if self.config.kuberay.network_policy.enabled:  # the pods still terminating keep requiring the token
+        if settings(
+            self.config
+        ).network_policy.enabled:  # the pods still terminating keep requiring the token
             name = network_policy_name(job)
             what = f"delete NetworkPolicy {job.namespace}/{name}"
             self._call(what, self._net.delete_namespaced_network_policy, name, job.namespace, ignore=(404,))
@@ -438,7 +448,7 @@ def _api_error(what: str, exc: Any) -> BackendError:
 
 
 def _build_api_client(config: PlatformConfig) -> Any:
-    kr = config.kuberay
+    kr = settings(config)
     configuration = k8s.Configuration()
     try:
         if kr.kubeconfig:

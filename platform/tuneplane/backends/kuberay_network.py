@@ -3,7 +3,7 @@
 Ray's own ports (GCS, raylets, object manager, workers) are many and partly dynamic, so the job's pods may talk
 to each other on any port; everything else is listed: ingress from the KubeRay operator and the Tuneplane API
 (the dashboard port by default), egress to DNS, MLflow, object storage and `extra_egress`. The peers come from
-the platform config (`kuberay.network_policy`, tuneplane.config.JobNetworkPolicy). Rendering is pure.
+the platform config (`backend.network_policy`, tuneplane.config.JobNetworkPolicy). Rendering is pure.
 
 The policy is defence in depth: the cluster also requires Ray's token (see `render_rayjob`), and a policy needs
 a CNI that enforces NetworkPolicies.

@@ -151,10 +151,10 @@ def problem(config: PlatformConfig) -> str | None:
 
 def check_isolation(config: PlatformConfig) -> str | None:
     """At API start, for the local backend: None when jobs will run sandboxed; a warning to log when they will
-    not and may (one team, or `local.isolation: none`); ConfigError when several teams would share an
+    not and may (one team, or `backend.isolation: none`); ConfigError when several teams would share an
     unsandboxed machine without the config saying so."""
-    if config.local.isolation == "none":
-        return "local.isolation is none: local jobs run without a sandbox and can read what the API can"
+    if config.local is not None and config.local.isolation == "none":
+        return "backend.isolation is none: local jobs run without a sandbox and can read what the API can"
     why = problem(config)
     if why is None:
         return None
@@ -162,9 +162,9 @@ def check_isolation(config: PlatformConfig) -> str | None:
         raise ConfigError(
             [
                 (
-                    "local.isolation",
+                    "backend.isolation",
                     f"{len(config.teams)} teams share this machine and local jobs cannot be sandboxed: {why}. "
-                    "Fix that, or set local.isolation: none to run them unsandboxed knowingly",
+                    "Fix that, or set backend.isolation: none to run them unsandboxed knowingly",
                 )
             ]
         )

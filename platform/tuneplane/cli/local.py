@@ -274,7 +274,7 @@ def mlflow_credentials(
     team: Annotated[str, typer.Option(help="Team whose MLflow user to print.")],
 ) -> None:
     """With `tracking_auth` on a cluster: the team's MLflow user as a Secret manifest for its namespace (the
-    `kuberay.tracking_secret` its jobs read). Needs the MLflow admin's MLFLOW_TRACKING_USERNAME /
+    `backend.tracking_secret` its jobs read). Needs the MLflow admin's MLFLOW_TRACKING_USERNAME /
     MLFLOW_TRACKING_PASSWORD, from which the team's password is derived."""
     import yaml
 
@@ -293,7 +293,7 @@ def mlflow_credentials(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": cfg.kuberay.tracking_secret or "tuneplane-mlflow-team",
+            "name": (cfg.kuberay.tracking_secret if cfg.kuberay else None) or "tuneplane-mlflow-team",
             "namespace": found.namespace,
         },
         "type": "Opaque",

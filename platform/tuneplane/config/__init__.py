@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -144,6 +144,9 @@ def read_tokens_file(path: Path) -> list[TokenEntry]:
 
 
 class LocalBackend(Strict):
+    """Jobs as processes on this machine, each on a Ray of its own (the embedded default)."""
+
+    type: Literal["local"] = "local"
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs run at once on this machine.")
     isolation: Literal["sandbox", "none"] = Field(
         "sandbox",
@@ -191,8 +194,16 @@ class ApiLimits(Strict):
     stream_threads: int = Field(64, ge=1, description="Threads for log streams, apart from quick requests.")
 
 
+# Where jobs run: one section, tagged by `type` (a new backend is one more class here and its module in backends/).
+BackendConfig = Annotated[LocalBackend | KubeRayBackend, Field(discriminator="type")]
+
+
 class PlatformConfig(Strict):
-    backend: Literal["local", "kuberay"] = "local"
+    backend: BackendConfig = Field(
+        default_factory=LocalBackend,
+        description="Where jobs run and that backend's settings: `type: local` (this machine) or "
+        "`type: kuberay` (RayJobs on Kubernetes).",
+    )
     home: Path = Field(
         default_factory=default_home,
         description="Where the embedded default keeps its database, runs and logs. Env: TUNEPLANE_HOME.",
@@ -214,8 +225,6 @@ class PlatformConfig(Strict):
     teams: list[Team] = Field(default_factory=lambda: [Team(name="default")])
     gpu_pools: dict[str, GpuPool] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    local: LocalBackend = Field(default_factory=LocalBackend)
-    kuberay: KubeRayBackend = Field(default_factory=KubeRayBackend)
     storage_schemes: list[str] = Field(
         default_factory=lambda: ["s3", "gs", "gcs", "az", "abfs", "abfss"],
         description="URI schemes a spec may name for data and models. Local paths are accepted only by the "
@@ -240,6 +249,18 @@ class PlatformConfig(Strict):
     auto_migrate: bool = Field(True, description="Apply database migrations at start.")
     _source: Path | None = PrivateAttr(None)  # the file this config was read from (`private_files`)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_backend_section(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (
+            "local" in data or "kuberay" in data or isinstance(data.get("backend"), str)
+        ):
+            raise ValueError(
+                "backend: one section, tagged by its type: `backend: {type: local, ...}` or "
+                "`backend: {type: kuberay, ...}`; the settings of a `local:` or `kuberay:` section go inside it"
+            )
+        return data
+
     @field_validator("teams")
     @classmethod
     def _unique_teams(cls, teams: list[Team]) -> list[Team]:
@@ -258,11 +279,11 @@ class PlatformConfig(Strict):
         self.storage_path = self.storage_path or str(home.runs)
         if self.tracking_auth and self.tracking_uri.startswith(("sqlite:", "file:")):
             raise ValueError("tracking_auth: needs an MLflow tracking server (http(s)://), not a local store")
-        if self.tracking_auth and self.backend == "kuberay" and not self.kuberay.tracking_secret:
+        if self.tracking_auth and self.kuberay is not None and not self.kuberay.tracking_secret:
             raise ValueError(
-                "tracking_auth: the kuberay backend needs kuberay.tracking_secret (team credentials)"
+                "tracking_auth: the kuberay backend needs backend.tracking_secret (team credentials)"
             )
-        if self.backend == "local" and len(self.teams) > 1 and self.data_roots is None:
+        if self.local is not None and len(self.teams) > 1 and self.data_roots is None:
             raise ValueError(
                 "data_roots: several teams share the local backend; say which folders they all may read (the "
                 "default, the user's home folder and the server's, would give every team the API user's files)"
@@ -277,7 +298,17 @@ class PlatformConfig(Strict):
     def job_artifact_root(self) -> str | None:
         """Where a job's new MLflow experiments keep artifacts, as its backend tells the job (None: the
         tracking server's default)."""
-        return self.kuberay.artifact_root if self.backend == "kuberay" else self.artifact_root
+        return self.kuberay.artifact_root if self.kuberay is not None else self.artifact_root
+
+    @property
+    def local(self) -> LocalBackend | None:
+        """The backend's settings when jobs run on this machine, else None."""
+        return self.backend if isinstance(self.backend, LocalBackend) else None
+
+    @property
+    def kuberay(self) -> KubeRayBackend | None:
+        """The backend's settings when jobs run on KubeRay, else None."""
+        return self.backend if isinstance(self.backend, KubeRayBackend) else None
 
     def team(self, name: str) -> Team | None:
         return next((t for t in self.teams if t.name == name), None)

@@ -155,6 +155,9 @@ _RAY_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
 
 
 class KubeRayBackend(Strict):
+    """Jobs as KubeRay RayJobs on a Kubernetes cluster, in each team's namespace."""
+
+    type: Literal["kuberay"] = "kuberay"
     image: str = Field("ghcr.io/tuneplane/runtime:0.1.0", description="Training runtime image (pinned tag).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     ray_version: str = Field(

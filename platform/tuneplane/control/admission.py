@@ -220,7 +220,7 @@ def memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Pro
 
 def host_memory_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
     """A CPU job on a backend that runs all its workers on one machine whose estimate for all of them does not
-    fit that machine's memory (`local.memory`), as GPU jobs are checked against one GPU of their pool."""
+    fit that machine's memory (`backend.memory`), as GPU jobs are checked against one GPU of their pool."""
     host = capabilities(config).host_memory_bytes
     if host is None or spec.distributed.gpus_per_worker:
         return []
