@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tuneplane.errors import SpecError, TuneplaneError
@@ -26,6 +28,7 @@ from tuneplane.train.launcher import Cancelled, RunSettings, run
 def main(argv: list[str] | None = None) -> int:
     # A sandboxed job starts with SIGTERM ignored (so that its sandbox survives a cancel): a cancel stops it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _plain_warnings()
     home = Home.default()
     parser = argparse.ArgumentParser(prog="python -m tuneplane.train", description=__doc__)
     parser.add_argument("--spec", required=True, help="tuning spec (YAML or JSON)")
@@ -91,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     if result.model_uri and settings.tracking_uri and args.sample:
         _show_sample(result.model_uri, settings.tracking_uri, args.sample)
     return 0
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain_warnings() -> None:
+    """Warnings stay in the job's log, as plain text: MLflow colours the text of its own with terminal codes."""
+    original = warnings.formatwarning
+
+    def plain(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
+        return _ANSI.sub("", original(message, category, filename, lineno, line))
+
+    warnings.formatwarning = plain
 
 
 def _local_artifact_root(tracking_uri: str, home: Home) -> str | None:

@@ -71,6 +71,8 @@ def run(spec: TuningSpec, settings: RunSettings) -> RunResult:
     from tuneplane.publishing.publish import publish
     from tuneplane.tracking.run import JobRun
 
+    # First: Ray reads some of these switches when it is imported (RAY_DEDUP_LOGS), the rest when it prints.
+    os.environ.update(PLAIN_LOG_ENV)
     confine_process(settings.confinement)  # the driver reads the team's files too (preflight, filter, tasks)
     job_run = JobRun()  # does nothing until started
     previous = signal.getsignal(signal.SIGTERM)
@@ -124,7 +126,6 @@ def _start_ray(dist_spec: DistributedSpec, settings: RunSettings) -> None:
     # Locally: no dashboard (never exposed without auth) and enough logical CPUs for the workers.
     needed = int(dist_spec.num_workers * dist_spec.cpus_per_worker) + 1
     starts_one = settings.ray_address in (None, "local")
-    os.environ.update(PLAIN_LOG_ENV)  # read by this driver as it prints the workers' lines
     ray.init(
         address=settings.ray_address,
         num_cpus=max(os.cpu_count() or 1, needed) if starts_one else None,
