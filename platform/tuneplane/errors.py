@@ -17,6 +17,10 @@ from typing import Any
 MAX_ECHO = 300  # characters of user data (a record value, a field) an error message may quote
 
 
+# (field or `uri:line`, message) pairs: what every check answers and every located error holds.
+Problems = list[tuple[str, str]]
+
+
 def clip(text: str, limit: int = MAX_ECHO) -> str:
     """`text` cut to `limit` characters: an error quoting a 10 MB record value must not become a 10 MB answer."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from tuneplane.backends.base import Capabilities
 from tuneplane.config import PlatformConfig
+from tuneplane.errors import Problems
 from tuneplane.spec import TuningSpec
-
-Problems = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,6 @@ SPEC_KEY = "spec.yaml"
 ENTRYPOINT = f"python -m tuneplane.train --spec {SPEC_DIR}/{SPEC_KEY}"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 SUBMITTER = "ray-job-submitter"
-# KubeRay's limit on RayJob names (capabilities.py): failing at submit time gives the caller a clearer error.
-MAX_NAME = KUBERAY_ID_LENGTH
 # Ray images run as uid 1000; kubelet can only enforce runAsNonRoot for a numeric user, so state it.
 RUN_AS_USER = 1000
 
@@ -226,8 +224,11 @@ def _worker_group(
 def render_rayjob(job: BackendJob, config: PlatformConfig) -> dict[str, Any]:
     """The RayJob for a job: a fresh Ray cluster (a head without GPU, and the job's worker groups: one pod per
     worker, or one per node when the pool states its node shape) that runs the fixed entrypoint."""
-    if len(job.id) > MAX_NAME:
-        raise BackendError(f"job id '{job.id}' is longer than the {MAX_NAME} characters KubeRay accepts")
+    # KubeRay's own limit (capabilities.py): failing at submit gives the caller a clearer error than KubeRay's.
+    if len(job.id) > KUBERAY_ID_LENGTH:
+        raise BackendError(
+            f"job id '{job.id}' is longer than the {KUBERAY_ID_LENGTH} characters KubeRay accepts"
+        )
     kr = settings(config)
     submitter = {"name": SUBMITTER, "resources": _resources({"cpu": "1", "memory": "1Gi"})}
 
@@ -366,9 +367,8 @@ class KubeRayBackend:
         name = spec_configmap_name(job)
         what = f"delete ConfigMap {job.namespace}/{name}"
         self._call(what, self._core.delete_namespaced_config_map, name, job.namespace, ignore=(404,))
-        if settings(
-            self.config
-        ).network_policy.enabled:  # the pods still terminating keep requiring the token
+        # The pods still terminating keep requiring the token.
+        if settings(self.config).network_policy.enabled:
             name = network_policy_name(job)
             what = f"delete NetworkPolicy {job.namespace}/{name}"
             self._call(what, self._net.delete_namespaced_network_policy, name, job.namespace, ignore=(404,))

@@ -70,9 +70,14 @@ def quiet_libraries() -> Iterator[None]:
     import logging
     import warnings
 
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
     loggers = [logging.getLogger(name) for name in ("mlflow", "transformers", "peft", "huggingface_hub")]
     levels = [logger.level for logger in loggers]
-    bars = _progress_bars(False)
+    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -85,19 +90,7 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        _progress_bars(bars)
-
-
-def _progress_bars(enabled: bool) -> bool:
-    """Switch transformers' and the hub's progress bars; returns whether transformers' were on."""
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if enabled:
-        hf_logging.enable_progress_bar()
-        enable_progress_bars()
-    else:
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
-    return was
+        if transformers_bars:  # each as it was before
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()

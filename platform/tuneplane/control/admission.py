@@ -13,7 +13,7 @@ from typing import Any
 
 from tuneplane.backends.capabilities import backend_problems, capabilities
 from tuneplane.config import PlatformConfig, Team
-from tuneplane.errors import DataError, NotFound, SpecError
+from tuneplane.errors import DataError, NotFound, Problems, SpecError
 from tuneplane.files import confined_to, may_read, pinned_folder
 from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
 from tuneplane.spec import (
@@ -27,7 +27,6 @@ from tuneplane.spec import (
 )
 from tuneplane.store import Principal
 
-Problems = list[tuple[str, str]]
 # A job id -> (its state, the model version it registered or None); NotFound for a job the caller may not see.
 JobLookup = Callable[[str], tuple[str, str | None]]
 

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-Problems = list[tuple[str, str]]
+from tuneplane.errors import Problems
+
 WORKERS = 4
 
 

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import yaml
 from fsspec.core import url_to_fs
 
-from tuneplane.errors import DataError, SpecError, clip
+from tuneplane.errors import DataError, Problems, SpecError, clip
 from tuneplane.files import NotAllowed, may_read, open_local
 from tuneplane.spec import BoundedYamlLoader, is_local_path
 
@@ -48,8 +48,6 @@ _REFUSED_KEYS = {
 _CODE = (
     "runs the team's own Python, which no job may do; use lm-eval's built-in metrics, filters and templates"
 )
-
-Problems = list[tuple[str, str]]
 
 
 class _Tagged:
