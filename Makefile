@@ -75,6 +75,8 @@ bench: setup
 schema: $(STAMP)
 	$(PY) -m tuneplane.devtools.refdocs docs/reference
 
-## charts/tuneplane/README.md from README.md.gotmpl and the `# --` comments of values.yaml (helm-docs style).
+## charts/tuneplane/README.md from README.md.gotmpl and the `# --` comments of values.yaml (helm-docs style), and
+## the `config` part of values.schema.json from the platform config model.
 chart-docs: $(STAMP)
+	$(PY) -m tuneplane.devtools.chart_schema
 	$(PY) scripts/chart_readme.py

@@ -186,21 +186,18 @@ def release_pods(component: str) -> list[NetworkPeer]:
     return [NetworkPeer(pod_labels=labels, namespace_labels={"kubernetes.io/metadata.name": NAMESPACE})]
 
 
-def job_peers(target: dict[str, Any]) -> list[NetworkPeer]:
-    """The values' {cidrs, peers} of a job network rule as tuneplane.config.NetworkPeer objects: a missing
-    namespaceSelector means the job's namespace, `{}` any namespace (the same in both)."""
+def job_peers(peers: list[dict[str, Any]]) -> list[NetworkPeer]:
+    """NetworkPolicyPeer objects of the values (networkPolicy.dns) as tuneplane.config.NetworkPeer objects: a
+    missing namespaceSelector means the job's namespace, `{}` any namespace (the same in both)."""
     from tuneplane.config.kuberay import NetworkPeer
 
-    peers: list[dict[str, Any]] = [{"cidr": cidr} for cidr in target.get("cidrs", [])]
-    for peer in target.get("peers", []):
-        if "ipBlock" in peer:
-            peers.append({"cidr": peer["ipBlock"]["cidr"], "except_cidrs": peer["ipBlock"].get("except", [])})
-            continue
-        selectors = {"namespaceSelector": "namespace_labels", "podSelector": "pod_labels"}
-        peers.append(
+    selectors = {"namespaceSelector": "namespace_labels", "podSelector": "pod_labels"}
+    return [
+        NetworkPeer.model_validate(
             {field: peer[key].get("matchLabels", {}) for key, field in selectors.items() if key in peer}
         )
-    return [NetworkPeer.model_validate(p) for p in peers]
+        for peer in peers
+    ]
 
 
 # -- lint and schema validation of the manifests --------------------------------------------------------------
@@ -367,7 +364,7 @@ def test_created_namespaces_enforce_restricted(name: str) -> None:
     wanted = {
         t.get("namespace") or t["name"]
         for t in chart_values(name)["config"]["teams"]
-        if t.get("createNamespace")
+        if t.get("create_namespace")
     }
     assert {n["metadata"]["name"] for n in namespaces} == wanted
     for ns in namespaces:
@@ -382,11 +379,11 @@ def test_platform_config_is_valid_for_the_app(name: str) -> None:
     config = platform_config(objs)
     assert config.backend.type == "kuberay"
     assert [t.name for t in config.teams] == [t["name"] for t in values["config"]["teams"]]
-    assert set(config.gpu_pools) == set(values["config"]["gpuPools"])
+    assert set(config.gpu_pools) == set(values["config"]["gpu_pools"])
     assert config.kuberay.image == "ghcr.io/tuneplane/runtime:0.1.0"
     mlflow_url = f"http://{RELEASE}-mlflow.{NAMESPACE}.svc.cluster.local:5000"
     assert config.tracking_uri == config.kuberay.tracking_uri == mlflow_url
-    assert config.kuberay.kueue.enabled is values["config"]["kueue"]["enabled"]
+    assert config.kuberay.kueue.enabled is (name == "production")
     # The tokens file is where the auth Secret is mounted.
     spec = api_deployment(objs)["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
@@ -410,8 +407,8 @@ def test_platform_config_carries_quotas_and_timeouts(name: str) -> None:
     values = chart_values(name)["config"]
     waiting = {t.name: t.quota.max_waiting_jobs for t in config.teams}
     # A team without the key gets the model's default (the minimal values' team).
-    assert waiting == {t["name"]: t.get("quota", {}).get("maxWaitingJobs", 100) for t in values["teams"]}
-    assert config.validation_timeout_s == values["validationTimeoutSeconds"]
+    assert waiting == {t["name"]: t.get("quota", {}).get("max_waiting_jobs", 100) for t in values["teams"]}
+    assert config.validation_timeout_s == values.get("validation_timeout_s", 60)
     if name == "production":  # non-default values arrive
         assert waiting == {"nlp": 40, "search": 10}
         assert config.validation_timeout_s == 120
@@ -426,7 +423,7 @@ def test_platform_config_carries_the_job_network_policy(name: str) -> None:
 
     objs = rendered(name)
     values = chart_values(name)
-    given = values["config"]["kuberay"]["networkPolicy"]
+    given = values["config"]["backend"]["network_policy"]
     policy = platform_config(objs).kuberay.network_policy
     assert policy.enabled is given["enabled"] is True
     # The API and MLflow peers are this release's pods in the release namespace, not the model's default (those
@@ -436,14 +433,12 @@ def test_platform_config_carries_the_job_network_policy(name: str) -> None:
     mlflow_container = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     assert policy.mlflow.ports == [p["containerPort"] for p in mlflow_container["ports"]] == [5000]
     # The jobs resolve names through the DNS the chart's own pods use.
-    assert policy.dns == job_peers({"peers": values["networkPolicy"]["dns"]}) == JobNetworkPolicy().dns
-    assert policy.kuberay_operator.peers == job_peers(given["kuberayOperator"])
-    assert policy.kuberay_operator.ports == given["kuberayOperator"]["ports"]
-    assert policy.object_storage.peers == job_peers(given["objectStorage"])
-    assert policy.object_storage.ports == given["objectStorage"]["ports"]
-    assert [(t.peers, t.ports) for t in policy.extra_egress] == [
-        (job_peers(t), t["ports"]) for t in given["extraEgress"]
-    ]
+    assert policy.dns == job_peers(values["networkPolicy"]["dns"]) == JobNetworkPolicy().dns
+    # The rest is the values' section as it is.
+    passed = {k: v for k, v in given.items() if k not in ("api", "mlflow", "dns")}
+    assert policy.model_dump(include=set(passed)) == JobNetworkPolicy.model_validate(passed).model_dump(
+        include=set(passed)
+    )
     if name == "production":  # the operator's namespace pinned, storage and extra egress by address or pods
         (operator,) = policy.kuberay_operator.peers
         assert operator.namespace_labels == {"kubernetes.io/metadata.name": "kuberay-system"}
@@ -509,7 +504,7 @@ def test_config_checksum_rolls_the_pods() -> None:
         return yaml.safe_load(result.stdout)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
     assert re.fullmatch(r"[0-9a-f]{64}", checksum())
-    assert checksum() != checksum("--set", "config.maxRequestBytes=2048")
+    assert checksum() != checksum("--set", "config.max_request_bytes=2048")
 
 
 @needs_helm
@@ -590,20 +585,24 @@ def test_external_mlflow_replaces_the_bundled_one() -> None:
     assert mlflow is not None and mlflow.peers == [] and mlflow.ports == [443]
 
 
-@needs_helm
 @pytest.mark.parametrize(
     ("uri", "given", "peers", "ports"),
     [
         ("http://mlflow.example.com", {}, [], [80]),
         ("http://mlflow.example.com:8080/", {}, [], [8080]),
-        ("https://mlflow.example.com", {"cidrs": ["10.30.0.0/16"]}, [{"cidr": "10.30.0.0/16"}], [443]),
+        (
+            "https://mlflow.example.com",
+            {"peers": [{"cidr": "10.30.0.0/16"}]},
+            [{"cidr": "10.30.0.0/16"}],
+            [443],
+        ),
         (
             "http://mlflow.tracking.svc:5000",
             {
                 "peers": [
                     {
-                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracking"}},
-                        "podSelector": {"matchLabels": {"app": "mlflow"}},
+                        "namespace_labels": {"kubernetes.io/metadata.name": "tracking"},
+                        "pod_labels": {"app": "mlflow"},
                     }
                 ],
                 "ports": [5000, 5001],
@@ -618,6 +617,7 @@ def test_external_mlflow_replaces_the_bundled_one() -> None:
         ),
     ],
 )
+@needs_helm
 def test_external_mlflow_peer_comes_from_values(
     uri: str, given: dict[str, Any], peers: list[dict[str, Any]], ports: list[int]
 ) -> None:
@@ -625,7 +625,7 @@ def test_external_mlflow_peer_comes_from_values(
 
     args = ["--set", "mlflow.enabled=false", "--set", f"mlflow.externalUri={uri}"]
     if given:
-        args += ["--set-json", f"config.kuberay.networkPolicy.externalMlflow={json.dumps(given)}"]
+        args += ["--set-json", f"config.backend.network_policy.mlflow={json.dumps(given)}"]
     result = template("--show-only", "templates/configmap.yaml", *args)
     assert result.returncode == 0, result.stderr
     mlflow = platform_config(tuple(yaml.safe_load_all(result.stdout))).kuberay.network_policy.mlflow
@@ -635,12 +635,8 @@ def test_external_mlflow_peer_comes_from_values(
 
 @needs_helm
 def test_job_network_policy_can_be_turned_off() -> None:
-    args = [
-        "--set",
-        "config.kuberay.networkPolicy.enabled=false",
-        "--set",
-        "config.kuberay.networkPolicy.apiIngress=false",
-    ]
+    args = ["--set", "config.backend.network_policy.enabled=false"]
+    args += ["--set-json", "config.backend.network_policy.api=null"]
     result = template("--show-only", "templates/configmap.yaml", *args)
     assert result.returncode == 0, result.stderr
     policy = platform_config(tuple(yaml.safe_load_all(result.stdout))).kuberay.network_policy
@@ -729,15 +725,9 @@ def test_one_kind_of_resource_per_template(name: str) -> None:
         (["--set", "auth.existingSecret="], "auth.existingSecret is required"),
         (["--set", "mlflow.externalUri=http://mlflow:5000"], "set either mlflow.enabled"),
         (["--set", "mlflow.enabled=false"], "the jobs need an MLflow tracking server"),
-        (["--set-json", 'config.teams=[{"name":"a","gpuPools":["h100"]}]'], 'GPU pool "h100" is not defined'),
-        # What the platform config would refuse at the API's start: refused at render time instead.
         (
-            ["--set-json", "config.kuberay.networkPolicy.kuberayOperator.peers=[]"],
-            "config.kuberay.networkPolicy.kuberayOperator: give peers or cidrs",
-        ),
-        (
-            ["--set-json", 'config.kuberay.networkPolicy.objectStorage={"ports":[]}'],
-            "config.kuberay.networkPolicy.objectStorage: give cidrs, peers or ports",
+            ["--set-json", 'config.teams=[{"name":"a","gpu_pools":["h100"]}]'],
+            'GPU pool "h100" is not defined',
         ),
         (
             [
@@ -764,28 +754,32 @@ def test_invalid_values_fail_with_a_clear_message(args: list[str], message: str)
         (["--set", "config.teams[0].name=Bad_Name"], "/config/teams/0/name"),
         (["--set", "database.typo=x"], "additional properties 'typo' not allowed"),
         (
-            ["--set-json", 'config.teams=[{"name":"a","quota":{"maxWaitingJobs":-1}}]'],
-            "/config/teams/0/quota/maxWaitingJobs",
+            ["--set-json", 'config.teams=[{"name":"a","quota":{"max_waiting_jobs":-1}}]'],
+            "/config/teams/0/quota/max_waiting_jobs",
         ),
-        (["--set", "config.validationTimeoutSeconds=0"], "/config/validationTimeoutSeconds"),
-        (["--set", "config.validationTimeoutSeconds=3601"], "/config/validationTimeoutSeconds"),
+        # The old camelCase keys: `config` has the platform config's own keys now.
+        (["--set", "config.validateData=false"], "additional properties 'validateData' not allowed"),
+        (["--set", "config.validation_timeout_s=0"], "/config/validation_timeout_s"),
+        (["--set", "config.validation_timeout_s=3601"], "/config/validation_timeout_s"),
+        (["--set", "config.backend.image=x"], "additional properties 'image' not allowed"),  # runtimeImage's
+        (["--set", "config.tracking_uri=http://x"], "additional properties 'tracking_uri' not allowed"),
+        (["--set", "config.backend.type=local"], "/config/backend/type"),
+        (["--set", "config.gpu_pools.a.memory_per_node=lots"], "/config/gpu_pools/a/memory_per_node"),
         (
-            ["--set", "config.kuberay.networkPolicy.kuberayOperator.ports[0]=65536"],
-            "/config/kuberay/networkPolicy/kuberayOperator/ports/0",
+            ["--set-json", "config.backend.network_policy.kuberay_operator.peers=[]"],
+            "/config/backend/network_policy/kuberay_operator/peers",
         ),
         (
-            [
-                "--set-json",
-                'config.kuberay.networkPolicy.extraEgress=[{"peers":[{"podSelector":{"matchExpressions":[]}}]}]',
-            ],
-            "/config/kuberay/networkPolicy/extraEgress/0/peers/0/podSelector",
+            ["--set", "config.backend.network_policy.kuberay_operator.ports[0]=65536"],
+            "/config/backend/network_policy/kuberay_operator/ports/0",
         ),
         (
-            [
-                "--set-json",
-                'config.kuberay.networkPolicy.objectStorage.peers=[{"ipBlock":{"cidr":"10.0.0.0/8"},"podSelector":{}}]',
-            ],
-            "/config/kuberay/networkPolicy/objectStorage/peers/0",
+            ["--set-json", 'config.backend.network_policy.extra_egress=[{"peers":[{"podSelector":{}}]}]'],
+            "/config/backend/network_policy/extra_egress/0/peers/0",
+        ),
+        (
+            ["--set-json", 'config.backend.storage_env={"BAD-NAME":{"name":"s","key":"k"}}'],
+            "/config/backend/storage_env",
         ),
     ],
 )
@@ -820,6 +814,35 @@ def test_readme_is_generated_from_values() -> None:
     assert (CHART / "README.md").read_text() == expected, (
         "charts/tuneplane/README.md is stale: make chart-docs"
     )
+
+
+def test_config_schema_is_generated_from_the_model() -> None:
+    """`config` is the platform config passed through: its schema is the model's (make chart-docs)."""
+    from tuneplane.devtools import chart_schema
+
+    assert (CHART / "values.schema.json").read_text() == chart_schema.render(CHART), (
+        "charts/tuneplane/values.schema.json is stale: make chart-docs"
+    )
+
+
+@needs_helm
+def test_what_the_schema_cannot_say_the_api_refuses_at_start(tmp_path: Path) -> None:
+    """Rules across fields (an egress rule open to everything, a peer both pods and CIDR) pass the schema; the
+    API refuses the rendered config at start, naming the field, before it creates anything."""
+    from tuneplane.config import load_config
+    from tuneplane.errors import ConfigError
+
+    result = template(
+        "--show-only", "templates/configmap.yaml",
+        "--set-json", 'config.backend.network_policy.object_storage={"ports":[]}',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "config.yaml"
+    path.write_text(platform_config_text(tuple(yaml.safe_load_all(result.stdout))))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "backend.kuberay.network_policy" in str(caught.value), caught.value
+    assert "an egress rule needs peers or ports" in str(caught.value), caught.value
 
 
 def test_schema_is_draft07_and_closed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 # Binary (Ki..Ei) and decimal (k/K..E) suffixes Kubernetes accepts for memory; a plain number is bytes.
 _FACTORS = {
@@ -23,6 +24,8 @@ _FACTORS = {
     "E": 10**18,
 }
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
+# The same rule for JSON Schema (`Field(json_schema_extra=...)`), so the chart's schema checks it at install.
+QUANTITY_SCHEMA: dict[str, Any] = {"pattern": _QUANTITY.pattern}
 
 
 def quantity_bytes(value: str) -> int:

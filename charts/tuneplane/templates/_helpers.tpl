@@ -197,9 +197,9 @@ early with a message that says what to set.
 {{- fail (printf "config.teams: team name %q appears twice" .name) }}
 {{- end }}
 {{- $_ := set $teams .name true }}
-{{- range (get . "gpuPools" | default list) }}
-{{- if not (hasKey $.Values.config.gpuPools .) }}
-{{- fail (printf "config.teams: GPU pool %q is not defined in config.gpuPools" .) }}
+{{- range (get . "gpu_pools" | default list) }}
+{{- if not (hasKey ($.Values.config.gpu_pools | default dict) .) }}
+{{- fail (printf "config.teams: GPU pool %q is not defined in config.gpu_pools" .) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -20,7 +20,7 @@ from tuneplane.config.kuberay import KubeRayBackend
 from tuneplane.errors import ConfigError
 from tuneplane.files import Confinement
 from tuneplane.home import DEFAULT_HOME, Home, default_home, sqlite_path
-from tuneplane.quantity import check_quantity, quantity_bytes
+from tuneplane.quantity import QUANTITY_SCHEMA, check_quantity, quantity_bytes
 
 
 class Quota(Strict):
@@ -33,7 +33,11 @@ class Quota(Strict):
 
 class Team(Strict):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    namespace: str = Field("", description="Kubernetes namespace of the team's RayJobs (default: the name).")
+    namespace: str = Field(
+        "",
+        pattern=r"^$|^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="Kubernetes namespace of the team's RayJobs (default: the name).",
+    )
     quota: Quota = Field(default_factory=Quota)
     gpu_pools: list[str] = Field(default_factory=list, description="GPU pools the team may use.")
     priority: int = Field(0, description="Higher runs first when several teams wait.")
@@ -59,7 +63,11 @@ class Toleration(Strict):
 class GpuPool(Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-    resource_name: str = Field("nvidia.com/gpu", description="Extended resource a worker requests.")
+    resource_name: str = Field(
+        "nvidia.com/gpu",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Extended resource a worker requests.",
+    )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
     # The node shape: with `gpus_per_node` set the KubeRay backend packs a job's workers into node-sized pods
     # (one Ray worker pod per node) and admission refuses a worker that cannot fit one node.
@@ -70,10 +78,14 @@ class GpuPool(Strict):
         None, gt=0, description="CPUs of one node a job may use (allocatable, less the daemons' share)."
     )
     memory_per_node: str | None = Field(
-        None, description="Memory of one node a job may use, as a Kubernetes quantity, e.g. '1800Gi'."
+        None,
+        description="Memory of one node a job may use, as a Kubernetes quantity, e.g. '1800Gi'.",
+        json_schema_extra=QUANTITY_SCHEMA,
     )
     gpu_memory: str | None = Field(
-        None, description="Memory of ONE GPU of the pool, as a Kubernetes quantity, e.g. '80Gi'."
+        None,
+        description="Memory of ONE GPU of the pool, as a Kubernetes quantity, e.g. '80Gi'.",
+        json_schema_extra=QUANTITY_SCHEMA,
     )
 
     @field_validator("memory_per_node", "gpu_memory")
@@ -158,6 +170,7 @@ class LocalBackend(Strict):
         None,
         description="Memory one local job may use, as a Kubernetes quantity, e.g. '16Gi' (default: this "
         "machine's total). A job whose estimate for all its workers does not fit is refused at submit.",
+        json_schema_extra=QUANTITY_SCHEMA,
     )
 
     _quantity = field_validator("memory")(lambda cls, value: check_quantity(value))
@@ -242,9 +255,11 @@ class PlatformConfig(Strict):
     validation_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="Time budget of one job's data lookup; past it the job fails."
     )
-    reconcile_interval_s: float = Field(2.0, gt=0)
+    reconcile_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between reconciler passes (a backend's watch wakes it sooner)."
+    )
     max_job_duration_s: int = Field(7 * 24 * 3600, gt=0, description="A job running longer is failed.")
-    max_request_bytes: int = Field(1 << 20, gt=0)
+    max_request_bytes: int = Field(1 << 20, gt=0, description="Largest accepted request body (bytes).")
     limits: ApiLimits = Field(default_factory=ApiLimits)
     auto_migrate: bool = Field(True, description="Apply database migrations at start.")
     _source: Path | None = PrivateAttr(None)  # the file this config was read from (`private_files`)

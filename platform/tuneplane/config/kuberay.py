@@ -5,21 +5,31 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from tuneplane.config._strict import Strict
 
 
 class Kueue(Strict):
-    enabled: bool = False
+    enabled: bool = Field(
+        False,
+        description="Queue the RayJobs through Kueue (queue label + suspend); the LocalQueues must exist.",
+    )
     queue_name: str = Field("{team}", description="LocalQueue per team; `{team}` is replaced.")
 
 
+# A Kubernetes object name (DNS subdomain) and a resource quantity (CPU or memory), as the API server checks them.
+_OBJECT_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+_K8S_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
 class SecretRef(Strict):
-    name: str
-    key: str
+    name: str = Field(pattern=_OBJECT_NAME)
+    key: str = Field(min_length=1)
 
 
 class NetworkPeer(Strict):
@@ -58,14 +68,7 @@ class NetworkTarget(Strict):
     """Peers and TCP ports of one NetworkPolicy rule."""
 
     peers: list[NetworkPeer] = Field(default_factory=list, description="Empty: any address (egress only).")
-    ports: list[int] = Field(default_factory=list, description="TCP ports; empty: every port.")
-
-    @field_validator("ports")
-    @classmethod
-    def _port_range(cls, ports: list[int]) -> list[int]:
-        if any(not 1 <= p <= 65535 for p in ports):
-            raise ValueError("ports are 1-65535")
-        return ports
+    ports: list[Port] = Field(default_factory=list, description="TCP ports; empty: every port.")
 
 
 def _pods(**labels: str) -> list[NetworkPeer]:
@@ -77,26 +80,28 @@ def _tuneplane(component: str) -> list[NetworkPeer]:
     return _pods(**{"app.kubernetes.io/name": "tuneplane", "app.kubernetes.io/component": component})
 
 
+# An ingress rule needs peers: an empty list admits everyone.
 class OperatorIngress(NetworkTarget):
     peers: list[NetworkPeer] = Field(
         default_factory=lambda: _pods(**{"app.kubernetes.io/name": "kuberay-operator"}),
+        min_length=1,
         description="Default: the pods of KubeRay's Helm chart in any namespace; name the operator's namespace.",
     )
-    ports: list[int] = Field(default_factory=lambda: [8265], description="The Ray dashboard.")
+    ports: list[Port] = Field(default_factory=lambda: [8265], description="The Ray dashboard.")
 
 
 class ApiIngress(NetworkTarget):
     peers: list[NetworkPeer] = Field(
-        default_factory=lambda: _tuneplane("api"), description="Default: the chart's API pods."
+        default_factory=lambda: _tuneplane("api"), min_length=1, description="Default: the chart's API pods."
     )
-    ports: list[int] = Field(default_factory=lambda: [8265], description="The Ray dashboard.")
+    ports: list[Port] = Field(default_factory=lambda: [8265], description="The Ray dashboard.")
 
 
 class MlflowEgress(NetworkTarget):
     peers: list[NetworkPeer] = Field(
         default_factory=lambda: _tuneplane("mlflow"), description="Default: the chart's MLflow pods."
     )
-    ports: list[int] = Field(default_factory=lambda: [5000], description="TCP ports; empty: every port.")
+    ports: list[Port] = Field(default_factory=lambda: [5000], description="TCP ports; empty: every port.")
 
 
 class StorageEgress(NetworkTarget):
@@ -104,7 +109,7 @@ class StorageEgress(NetworkTarget):
         default_factory=list,
         description="Default: any address, which is wide: name the storage endpoints' CIDRs or pods.",
     )
-    ports: list[int] = Field(default_factory=lambda: [443], description="TCP ports; empty: every port.")
+    ports: list[Port] = Field(default_factory=lambda: [443], description="TCP ports; empty: every port.")
 
 
 class JobNetworkPolicy(Strict):
@@ -140,10 +145,7 @@ class JobNetworkPolicy(Strict):
 
     @model_validator(mode="after")
     def _no_open_rules(self) -> JobNetworkPolicy:
-        for name in ("kuberay_operator", "api"):
-            target = getattr(self, name)
-            if target is not None and not target.peers:
-                raise ValueError(f"{name}: an ingress rule needs peers (an empty list admits everyone)")
+        # (An ingress rule without peers is refused by its model: `min_length`.)
         egress = [self.mlflow, self.object_storage, *self.extra_egress]
         if any(t is not None and not t.peers and not t.ports for t in egress):
             raise ValueError("an egress rule needs peers or ports (neither admits everything)")
@@ -162,17 +164,24 @@ class KubeRayBackend(Strict):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     ray_version: str = Field(
         "2.60.0",
+        json_schema_extra={"pattern": r"^[0-9]+\.[0-9]+\.[0-9]+$"},  # for the chart; the validator explains
         description="Ray of the runtime image: 2.52.0 or newer (every job uses Ray token authentication).",
     )
-    service_account: str | None = None
-    head_cpu: str = "2"
-    head_memory: str = "8Gi"
-    ttl_seconds_after_finished: int = Field(3600, ge=0)
+    service_account: str | None = Field(
+        None, description="Service account of the job pods in the team namespaces (must exist there)."
+    )
+    head_cpu: str = Field("2", pattern=_K8S_QUANTITY, description="CPU of each job's Ray head.")
+    head_memory: str = Field("8Gi", pattern=_K8S_QUANTITY, description="Memory of each job's Ray head.")
+    ttl_seconds_after_finished: int = Field(
+        3600, ge=0, description="Seconds a finished RayJob is kept before KubeRay deletes it."
+    )
     backoff_limit: int = Field(
         0, ge=0, description="RayJob retries of the whole job (Ray Train retries too)."
     )
-    storage_path: str = Field("s3://tuneplane/runs", description="Ray Train storage for checkpoints.")
-    storage_env: dict[str, SecretRef] = Field(
+    storage_path: str = Field(
+        "s3://tuneplane/runs", min_length=1, description="Ray Train storage for checkpoints."
+    )
+    storage_env: dict[EnvName, SecretRef] = Field(
         default_factory=dict,
         description="Environment of the job's pods taken from Secrets, e.g. AWS_ACCESS_KEY_ID.",
     )
@@ -182,6 +191,7 @@ class KubeRayBackend(Strict):
     )
     tracking_secret: str | None = Field(
         None,
+        pattern=_OBJECT_NAME,
         description="With `tracking_auth`: the Secret, in every team namespace, holding that team's MLflow user "
         "(keys `username`, `password`; `tuneplane mlflow-credentials` prints them). Job pods get it as "
         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
@@ -209,7 +219,7 @@ class KubeRayBackend(Strict):
 
     @field_validator("storage_env")
     @classmethod
-    def _no_ray_auth_env(cls, env: dict[str, SecretRef]) -> dict[str, SecretRef]:
+    def _no_ray_auth_env(cls, env: dict[EnvName, SecretRef]) -> dict[EnvName, SecretRef]:
         # The KubeRay operator only adds these when a container lacks them: ours would replace its token.
         if clash := sorted(_RAY_AUTH_ENV & set(env)):
             raise ValueError(f"{', '.join(clash)}: set by the KubeRay operator (token authentication)")
