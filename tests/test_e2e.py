@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.support.config import REPO
+from tests.support.config import REPO, free_port
 from tests.support.live import Server
 from tuneplane.client import Client
 from tuneplane.home import Home
@@ -193,3 +194,40 @@ def test_cancel_mid_run_stops_everything_and_marks_the_run_killed(
     log = (tmp_path / "jobs" / job_id / "train.log").read_text()
     # One line says so, and no traceback of the cancel follows (it once ended in `_Terminated`).
     assert "[tuneplane] cancelled" in log and "launcher.Cancelled" not in log, log[-3000:]
+
+
+def test_the_demo_prints_only_the_platforms_lines(tmp_path: Path, tiny_dir: Path) -> None:
+    """`make demo` as a new user runs it, on a fresh home (a shorter job): `validate`, then `demo` (the embedded
+    API, the job followed to the end, a sample from the registered model). Every line is the platform's: no
+    Python warning (with Python's default filters, as a user runs it), library log line, progress bar or
+    traceback."""
+    shutil.copytree(REPO / "jobs" / "data", tmp_path / "data")
+    shutil.copytree(tiny_dir, tmp_path / "tiny")
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml").to_dict()
+    spec["model"]["base"] = str(tmp_path / "tiny")
+    spec["data"]["sources"] = [
+        {**s, "uri": s["uri"].replace(str(REPO / "jobs" / "data"), "data")} for s in spec["data"]["sources"]
+    ]
+    spec["hyperparameters"].update(max_steps=4, warmup_steps=1)
+    spec["eval"].update(zero_shot_sources=[], gate=None, lm_eval=None)
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "TUNEPLANE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    env.pop("TUNEPLANE_CONFIG", None)
+    cli = [sys.executable, "-m", "tuneplane.cli"]
+    output = ""
+    for args in (
+        ["validate", "demo.yaml", "--max-records", "500"],
+        ["demo", "demo.yaml", "--sample", "Is 41 even or odd?", "--port", str(free_port())],
+    ):
+        done = subprocess.run(
+            [*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        output += done.stdout + done.stderr
+    assert "SUCCEEDED" in output and "sample: 'Is 41 even or odd?' -> " in output, output[-3000:]
+    noise = [
+        line
+        for line in output.splitlines()
+        if any(mark in line for mark in ("Warning", " INFO ", "Traceback", "it/s]", "\x1b["))
+    ]
+    assert noise == [], noise

@@ -3,6 +3,7 @@ tokens, metrics), starts and stops the reconciler with the app, and installs rou
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -97,4 +98,13 @@ def _init_tracking(uri: str) -> None:
         from mlflow import MlflowClient
 
         ensure_sqlite_folder(uri)
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        # MLflow announces a new database's tables at INFO (two lines on a first start): not the platform's news.
+        loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
