@@ -5,6 +5,7 @@ skipped and the same final loss."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import threading
@@ -298,5 +299,15 @@ def test_an_elastic_job_goes_on_with_fewer_workers_and_trains_every_example_once
         for line in file.read_text().splitlines():
             ranks.setdefault(json.loads(line)["attempt"], set()).add(file.stem)
     assert ranks == {0: {"rank0", "rank1", "rank2", "rank3"}, 1: {"rank0", "rank1"}}
-    run_info = MlflowClient(tracking_uri=tracking).get_run(elastic.run_id or "")
+    client = MlflowClient(tracking_uri=tracking)
+    run_info = client.get_run(elastic.run_id or "")
     assert run_info.info.status == "FINISHED" and run_info.data.metrics["resumes"] == 1
+    # The cosine LR schedule (no warmup) goes on from where the resize found it, never up, and ends at 0 on the
+    # last step (the rest of the schedule spread over the 2 workers' steps; a step logged again after the
+    # resume counts as the resumed attempt logged it).
+    lr: dict[int, float] = {}
+    for point in sorted(client.get_metric_history(elastic.run_id or "", "lr"), key=lambda m: m.timestamp):
+        lr[point.step] = point.value
+    values = [lr[step] for step in sorted(lr)]
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(values)), values
+    assert values[-1] == pytest.approx(0.0, abs=1e-9) and max(lr) == elastic.metrics["step"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import signal
 import subprocess
@@ -224,6 +225,9 @@ def test_learning_raises_heldout_accuracy_and_registers_a_loadable_model(
     assert len(answers) == 2 and all(a in {"even", "odd"} for a in answers), answers
 
 
+ACCUMULATION = 5  # the dedup test's gradient accumulation: its epoch's micro-batches are not a multiple of it
+
+
 def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate_is_not_registered(
     ray_local, tiny_dir, tmp_path
 ) -> None:
@@ -260,6 +264,7 @@ def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate
                 "data.decontaminate": True,
                 "hyperparameters.max_steps": None,
                 "hyperparameters.epochs": 1,
+                "hyperparameters.gradient_accumulation_steps": ACCUMULATION,
                 "checkpointing.every_n_steps": 1000,
                 "eval.zero_shot_sources": [eval_source],
                 "eval.max_examples": 4,
@@ -276,6 +281,12 @@ def test_duplicates_and_contaminated_records_are_never_trained_and_a_missed_gate
     assert sorted(trained) == sorted(
         f"{train_file}:{line}" for line in range(1, 100) if f"{train_file}:{line}" not in dropped
     )
+    # The epoch's micro-batches (of the rank with the most) are not a multiple of the accumulation: the last
+    # optimizer step trains the remainder (completed with idle micro-batches), so the run has ceil(...) steps.
+    batches = max(sum(e["micro_batches"] for e in _entries(file)) for file in log.glob("rank*.jsonl"))
+    assert batches % ACCUMULATION != 0, batches
+    steps = math.ceil(batches / ACCUMULATION)
+    assert result.metrics["step"] == steps and sorted(_trace(log)) == list(range(1, steps + 1))
     assert result.model_uri is None
     assert result.gate is not None and result.gate["status"] == "failed"
     assert any("eval-set" in failure and "min 1.00" in failure for failure in result.gate["failures"]), (
@@ -308,6 +319,10 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, job_id: str, killed: li
                     killed.append(proc.pid)
                     return
         time.sleep(0.2)
+
+
+def _entries(file: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in file.read_text().splitlines()]
 
 
 def _trace(folder: Path) -> dict[int, list[str]]:
@@ -364,6 +379,28 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_without_repeating_data(
     assert final_loss(tmp_path / "faulty", faulty) == pytest.approx(
         final_loss(tmp_path / "clean", clean), rel=1e-4
     )
+    _assert_checkpoints_hold_no_frozen_base(tmp_path / "faulty" / "runs" / "faulty", tiny_dir)
+
+
+def _assert_checkpoints_hold_no_frozen_base(job_storage: Path, tiny_dir: Path) -> None:
+    """A LoRA run's DeepSpeed checkpoint holds what trains (adapter, modules_to_save copies) and its optimizer
+    state, never the frozen base weights: no base-layer, norm or original-module tensor, no ZeRO frozen-parameter
+    fragments (before: 1.67 MB of model states, with the whole base; now 0.64 MB, nearly all the tiny-cpu
+    job's trainable lm_head and embed_tokens copies)."""
+    import torch
+
+    states = sorted(job_storage.glob("*/deepspeed/state/*model_states.pt"))
+    assert states, f"no DeepSpeed checkpoint under {job_storage}"
+    for file in states:
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        assert saved["module"] and all("lora_" in k or "modules_to_save" in k for k in saved["module"]), [
+            k for k in saved["module"] if "lora_" not in k and "modules_to_save" not in k
+        ][:5]
+        assert not saved.get("frozen_param_fragments")
+        # The file is the trained tensors and a little metadata; the base would add its whole size (~1 MB).
+        trained = sum(t.numel() * t.element_size() for t in saved["module"].values())
+        base = (tiny_dir / "model.safetensors").stat().st_size
+        assert file.stat().st_size < trained + 64 * 1024 < trained + base
 
 
 def _mk(path: Path) -> Path:

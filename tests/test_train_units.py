@@ -1,5 +1,6 @@
-"""The recipe's pure parts: methods, DeepSpeed config and ZeRO stage, LR schedule, the empty-adapter guard,
-MLflow params, and the generation prompt shared by evaluation and the served model."""
+"""The recipe's pure parts: methods, DeepSpeed config and ZeRO stage, LR schedule (and its clock across an
+elastic resize), the empty-adapter guard, loading a LoRA checkpoint without its frozen base, MLflow params, and
+the generation prompt shared by evaluation and the served model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from tuneplane.errors import CheckpointError, SpecError
 from tuneplane.spec import effective_zero_stage, parse_spec
 from tuneplane.tracking.run import flatten
-from tuneplane.train.builders import apply_method, deepspeed_config, lr_lambda
+from tuneplane.train.builders import ScheduleClock, apply_method, deepspeed_config, lr_lambda
 from tuneplane.train.checkpointing import check_not_empty
 from tuneplane.train.metrics import ParamCounts, flops_per_token
 
@@ -100,6 +101,33 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_lambda(_spec(hyperparameters={"lr_scheduler": "constant"}), 100)(99) == 1.0
 
 
+def test_an_elastic_resize_keeps_the_lr_schedule_continuous_and_ends_it_at_the_runs_end() -> None:
+    """An `epochs` run planned as 100 steps on 4 workers resumes at step 40 on 2: the 60 steps of data left
+    take 120 steps now (run ends at 160). Rebuilding the schedule for the new world's own total (200 steps)
+    moved the cosine factor from 0.65 to 0.90 at the resume and left it at 0.10 at the run's end; the stretched
+    clock keeps 0.65 at step 40 and reaches 0 at step 160."""
+    import math
+
+    spec = _spec(hyperparameters={"warmup_steps": 0, "lr_scheduler": "cosine"})
+    clock = ScheduleClock(100)
+    f = lr_lambda(spec, 100, clock)
+    at_resume = f(40)
+    assert at_resume == pytest.approx(0.5 * (1 + math.cos(0.4 * math.pi)))  # 0.6545
+    rebuilt = lr_lambda(spec, 200)  # what a resume computed before: the 2-worker total, the step kept
+    assert rebuilt(41) - at_resume == pytest.approx(0.2459, abs=1e-3)  # the jump
+    assert rebuilt(160) == pytest.approx(0.0955, abs=1e-3)  # and the end, short of 0
+
+    clock.stretch(40, 160)
+    assert f(40) == pytest.approx(at_resume)  # no jump
+    assert f(41) == pytest.approx(0.5 * (1 + math.cos(0.405 * math.pi)))  # half a planned step per step
+    assert f(100) == pytest.approx(0.5 * (1 + math.cos(0.7 * math.pi)))
+    assert f(160) == pytest.approx(0.0, abs=1e-9)
+    factors = [f(step) for step in range(40, 161)]
+    assert factors == sorted(factors, reverse=True)
+    clock.stretch(100, 130)  # a second resize (back to 4 workers) goes on from where the first left it
+    assert f(100) == pytest.approx(0.5 * (1 + math.cos(0.7 * math.pi))) and f(130) == pytest.approx(0.0)
+
+
 def test_flops_per_token_is_6n_full_and_4n_lora() -> None:
     counts = ParamCounts(total=1000, trainable=10)
     assert flops_per_token(_spec(method={"type": "full"}), counts) == 6000
@@ -116,6 +144,33 @@ def test_an_empty_adapter_is_refused(tmp_path) -> None:
         check_not_empty(tmp_path)
     with pytest.raises(CheckpointError, match="no weights"):
         check_not_empty(tmp_path / "nothing")
+
+
+def test_a_lora_checkpoint_loads_without_the_frozen_base_but_not_without_a_trained_weight(tiny_dir) -> None:
+    """What a LoRA checkpoint holds (DeepSpeed's module state without frozen parameters) loads onto a fresh
+    model, the base keeping its own weights; a trained weight missing, or a key the model lacks, is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneplane.train.checkpointing import _load_module
+
+    spec = _spec(method={"type": "lora", "r": 4, "target_modules": ["q_proj"]})
+    saved = apply_method(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), spec)
+    with torch.no_grad():
+        for name, param in saved.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    state = {n: p.detach().clone() for n, p in saved.named_parameters() if p.requires_grad}
+    assert state and all("lora_" in name for name in state)
+
+    fresh = apply_method(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), spec)
+    _load_module(state, fresh)
+    loaded = dict(fresh.named_parameters())
+    assert all(torch.equal(loaded[name], value) for name, value in state.items())
+    lora_b = next(name for name in state if "lora_B" in name)
+    with pytest.raises(CheckpointError, match="missing"):
+        _load_module({k: v for k, v in state.items() if k != lora_b}, fresh)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        _load_module(state | {"base_model.model.extra.weight": torch.ones(1)}, fresh)
 
 
 def test_mlflow_params_are_the_flattened_spec() -> None:

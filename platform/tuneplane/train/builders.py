@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +167,39 @@ def _train_last_layers(model: torch.nn.Module, method: PartialMethod) -> None:
             param.requires_grad_(True)
 
 
+@dataclass
+class ScheduleClock:
+    """Where each optimizer step lies on the LR schedule, whose own axis runs from 0 to `length` (the run's total
+    steps as first planned). The identity until an elastic resize of an `epochs` run changes how many steps the
+    rest of the run takes (the new world size packs the remaining data into more or fewer steps): `stretch`
+    then spreads what is left of the schedule over the new remaining steps. Without it the LR would jump at the
+    resume (the schedule rebuilt for the new world's total while the restored scheduler keeps its step) and end
+    the run short of, or past, its end. Mutable: the scheduler's lambda reads it at every step."""
+
+    length: int
+    anchor_step: int = 0  # from this step on, the schedule advances `rate` positions per step
+    anchor_position: float = 0.0
+    rate: float = 1.0
+
+    def position(self, step: int) -> float:
+        return self.anchor_position + (step - self.anchor_step) * self.rate
+
+    def stretch(self, step: int, total_steps: int) -> None:
+        """From `step` (where the schedule stays: no jump), reach the schedule's end at `total_steps`."""
+        here = self.position(step)
+        self.anchor_step, self.anchor_position = step, here
+        self.rate = max(0.0, self.length - here) / max(1, total_steps - step)
+
+
 def build_optimizer(
-    model: torch.nn.Module, spec: TuningSpec, total_steps: int
+    model: torch.nn.Module, spec: TuningSpec, total_steps: int, clock: ScheduleClock | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters, and the spec's warmup + decay schedule."""
+    """AdamW over the trainable parameters, and the spec's warmup + decay schedule (over `clock` if given)."""
     hp = spec.hyperparameters
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=hp.learning_rate, weight_decay=hp.weight_decay
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps, clock))
 
 
 def deepspeed_config(spec: TuningSpec, on_gpu: bool, world_size: int) -> dict[str, Any]:
@@ -202,16 +227,21 @@ def deepspeed_config(spec: TuningSpec, on_gpu: bool, world_size: int) -> dict[st
     }
 
 
-def lr_lambda(spec: TuningSpec, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(
+    spec: TuningSpec, total_steps: int, clock: ScheduleClock | None = None
+) -> Callable[[int], float]:
+    """The LR factor at an optimizer step; with a `clock`, at the step's position on it (read at every call: a
+    resume restores or stretches the clock after the scheduler is built)."""
     hp = spec.hyperparameters
-    warmup = min(hp.warmup_steps, max(total_steps - 1, 0))
 
-    def factor(step: int) -> float:
+    def factor(at: int) -> float:
+        step, length = (clock.position(at), clock.length) if clock is not None else (at, total_steps)
+        warmup = min(hp.warmup_steps, max(length - 1, 0))
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if hp.lr_scheduler == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, length - warmup))
         if hp.lr_scheduler == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))

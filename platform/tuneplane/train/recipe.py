@@ -19,6 +19,7 @@ Ray Train is `worker.py`; builders live in `builders.py`, metrics maths in `metr
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ from tuneplane.pretrained import download_adapter, load_tokenizer
 from tuneplane.spec import TuningSpec
 from tuneplane.tracking.run import JobRun
 from tuneplane.train import checkpointing, evaluate, worker
-from tuneplane.train.builders import build_optimizer, deepspeed_config, load_model
+from tuneplane.train.builders import ScheduleClock, build_optimizer, deepspeed_config, load_model
 from tuneplane.train.loss import SourceTally, causal_lm_loss
 from tuneplane.train.metrics import StepWindow, count_params, flops_per_token, source_names
 
@@ -67,6 +68,7 @@ class RecipeState:
     base_zero_shot: dict[str, float] | None = None  # the base model's scores, measured once
     base_eval_loss: float | None = None  # the base model's eval loss, measured once
     source_tokens: list[float] | None = None  # trained tokens per training source so far
+    schedule: dict[str, float] | None = None  # the LR schedule's clock (builders.ScheduleClock)
 
 
 class InstructionTuningRecipe:
@@ -78,6 +80,7 @@ class InstructionTuningRecipe:
         self.spec, self.settings = spec, settings
         self.state = RecipeState()
         self.step_keys: list[str] = []  # records in the optimizer step being accumulated (it may span epochs)
+        self.step_batches = 0  # this rank's micro-batches with data in that step
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -110,7 +113,8 @@ class InstructionTuningRecipe:
         self.run.log_params({"model.params.total": params.total, "model.params.trainable": params.trainable})
         self._model_built(model)
         self.total_steps = hp.max_steps or self._steps_for_epochs()
-        optimizer, self.scheduler = build_optimizer(model, spec, self.total_steps)
+        self.clock = ScheduleClock(self.total_steps)  # a resume restores it, an elastic resize may stretch it
+        optimizer, self.scheduler = build_optimizer(model, spec, self.total_steps, self.clock)
         ds_config = deepspeed_config(spec, on_gpu, self.world)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
@@ -173,11 +177,17 @@ class InstructionTuningRecipe:
 
     def _steps_for_epochs(self) -> int:
         """Optimizer steps in `epochs` passes: each rank counts its own batches; an epoch lasts as long as the
-        rank with the most (the others idle meanwhile)."""
+        rank with the most (the others idle meanwhile). Gradient accumulation runs on across epochs; a last
+        partial accumulation is completed with idle micro-batches (`_finish_accumulation`), hence the ceil."""
         hp = self.spec.hyperparameters
-        count = torch.tensor([sum(1 for _ in self._stream())])
+        self.epoch_batches = self._batches_left()
+        return max(1, math.ceil(self.epoch_batches * (hp.epochs or 1) / hp.gradient_accumulation_steps))
+
+    def _batches_left(self, state: dict[str, Any] | None = None) -> int:
+        """Micro-batches of the rank with the most in the rest of the epoch from data `state` (None: a whole)."""
+        count = torch.tensor([sum(1 for _ in self._stream(state=state))])
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return max(1, int(count.item()) * (hp.epochs or 1) // hp.gradient_accumulation_steps)
+        return int(count.item())
 
     def _resume(self, checkpoint: Any) -> dict[str, Any]:
         with worker.opened(checkpoint) as folder:
@@ -186,10 +196,28 @@ class InstructionTuningRecipe:
             )
         known = {f.name for f in fields(RecipeState)}
         self.state = RecipeState(**{k: v for k, v in meta.items() if k in known})
+        for name, value in (self.state.schedule or {}).items():
+            setattr(self.clock, name, value)  # in place: the scheduler's lambda reads this clock
+        if meta["world_size"] != self.world and not self.spec.hyperparameters.max_steps:
+            self._replan_after_resize(data_state)
         self.state.resumes += 1
         self.run.report({"resumes": self.state.resumes}, self.state.step)
         self._log(f"resumed from step {self.state.step}")
         return data_state
+
+    def _replan_after_resize(self, data_state: dict[str, Any]) -> None:
+        """An `epochs` run resumed by another number of workers: the data left (the rest of this epoch,
+        re-sharded, and the later epochs) makes another number of steps than planned. The run's total becomes
+        what is really left, and the LR schedule keeps its position at this step and reaches its end at that
+        total (`ScheduleClock.stretch`): the remaining fraction of the schedule is spread over the remaining
+        steps, as the remaining fraction of the data is. Rebuilding the schedule for the new world's own total
+        instead would move the LR at once (the restored scheduler keeps its step count) and end the run
+        elsewhere on the curve than its end."""
+        hp = self.spec.hyperparameters
+        later = self.epoch_batches * ((hp.epochs or 1) - self.state.epochs - 1)
+        left = self._batches_left(data_state) + later
+        self.total_steps = self.state.step + math.ceil(left / hp.gradient_accumulation_steps)
+        self.clock.stretch(self.state.step, self.total_steps)
 
     # ---------------------------------------------------------------------------------------------- train
 
@@ -200,17 +228,28 @@ class InstructionTuningRecipe:
         max_epochs = hp.epochs or (None if hp.max_steps else 1)
         self.engine.train()
         while self.state.step < self.total_steps and (max_epochs is None or self.state.epochs < max_epochs):
-            steps_before = self.state.step
+            micro_steps_before = self.engine.micro_steps
             self._train_epoch()
-            if self.state.step == steps_before and self.state.step < self.total_steps:
+            # An epoch shorter than one accumulation is fine (accumulation runs on into the next): only an
+            # epoch without a single micro-batch could never reach the next step.
+            if self.engine.micro_steps == micro_steps_before and self.state.step < self.total_steps:
                 raise SpecError(
-                    [
-                        (
-                            "data.sources",
-                            "an epoch produced no optimizer step: too little data for the batch size",
-                        )
-                    ]
+                    [("data.sources", "an epoch produced no micro-batch: too little data for the batch size")]
                 )
+        self._finish_accumulation()
+
+    def _finish_accumulation(self) -> None:
+        """After the last epoch, the engine may be mid-accumulation (the epochs' micro-batches are not a multiple
+        of gradient_accumulation_steps): idle micro-batches (nothing trained, as in `_train_epoch`) complete it,
+        so the last optimizer step trains the remaining real micro-batches, each weighed as in any other step.
+        A max_steps run ends on a step: nothing to do."""
+        while self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+            loss, _ = self.loss(self.idle_batch())
+            self.engine.backward(loss * 0.0)
+            before = self.engine.global_steps
+            self.engine.step()
+            if self.engine.global_steps != before:
+                self._after_step()
 
     def _train_epoch(self) -> None:
         """The rest of this epoch, or until the last step. Ranks pack differently and run dry a few batches
@@ -233,6 +272,7 @@ class InstructionTuningRecipe:
             if batch is not None:
                 record()
                 self.step_keys += [key for row in batch.keys for key in row]
+                self.step_batches += 1
             if self.engine.global_steps != before:  # an optimizer step, not only an accumulation
                 self._after_step()
 
@@ -272,9 +312,10 @@ class InstructionTuningRecipe:
                     "attempt": self.state.resumes,
                     "node": self.node_id,
                     "keys": self.step_keys,
+                    "micro_batches": self.step_batches,
                 }
                 fh.write(json.dumps(entry) + "\n")
-        self.step_keys = []
+        self.step_keys, self.step_batches = [], 0
 
     # ------------------------------------------------------------------------------------------- evaluate
 
@@ -306,8 +347,12 @@ class InstructionTuningRecipe:
         """Every rank's part of the checkpoint, reported together (none is used until all have reported)."""
         stream_state = self.stream.state_dict()
         self.state.source_tokens = list(self.window.source_totals)
+        self.state.schedule = asdict(self.clock)
         with worker.report_folder("ckpt") as folder:
-            checkpointing.write(folder, self.engine, stream_state, self.rank, self.world, asdict(self.state))
+            checkpointing.write(
+                folder, self.engine, stream_state, self.rank, self.world, asdict(self.state),
+                frozen_base=checkpointing.trains_adapter(self.spec),
+            )  # fmt: skip
             worker.report(metrics | {"step": self.state.step}, folder)
 
     def save_final(self, final: dict[str, Any]) -> None:
