@@ -211,7 +211,9 @@ def test_the_demo_prints_only_the_platforms_lines(tmp_path: Path, tiny_dir: Path
     spec["hyperparameters"].update(max_steps=4, warmup_steps=1)
     spec["eval"].update(zero_shot_sources=[], gate=None, lm_eval=None)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(spec))
+    # A shell's MLflow (here: another test's) does not hold the demo's model: the demo samples from its own.
     env = {**os.environ, "TUNEPLANE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     env.pop("TUNEPLANE_CONFIG", None)
     cli = [sys.executable, "-m", "tuneplane.cli"]
     output = ""

@@ -235,9 +235,12 @@ def demo(
     from tuneplane.api import create_app
     from tuneplane.config import load_config
 
+    config = load_or_exit("config", load_config, None)
+    # The sample loads the job's model from the embedded API's MLflow, whatever MLflow the shell names.
+    os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(load_or_exit("config", load_config, None)),
+            create_app(config),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -251,9 +254,7 @@ def demo(
         err_console.print(f"[bold red]the API could not start on port {port}[/]")
         raise typer.Exit(1)
     console.print(f"API on http://127.0.0.1:{port} (local backend)")
-    console.print(
-        console_hint(load_or_exit("config", load_config, None), f"http://127.0.0.1:{port}"), highlight=False
-    )
+    console.print(console_hint(config, f"http://127.0.0.1:{port}"), highlight=False)
     try:
         submit(spec_path, wait=True, sample=sample, url=f"http://127.0.0.1:{port}")
     finally:
