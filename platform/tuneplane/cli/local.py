@@ -72,6 +72,7 @@ def validate(
     """Check a spec, estimate its memory per GPU, and preflight its data: counts, bad records (uri:line),
     lengths, masking."""
     spec = load_or_exit("spec", load_spec, spec_path)
+    _exit_on_model_problems(spec)
     memory = _memory(spec, config)
     if spec_only:
         console.print(f"[green]spec ok[/]: {spec.name}")
@@ -106,6 +107,23 @@ def validate(
     _exit_unless_fits(memory)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _exit_on_model_problems(spec: TuningSpec) -> None:
+    """What the model cannot do of what the spec asks (tuneplane.families), from its config.json wherever it is
+    (the user's own files and credentials), refused as the API refuses it at submit."""
+    from tuneplane.errors import SpecError
+    from tuneplane.families import spec_problems
+    from tuneplane.memory import read_model_config
+
+    try:
+        model_config = read_model_config(spec.model.base)
+    except (OSError, ValueError):
+        return  # a hub id, or unreadable: loading the tokenizer below says why
+    problems = spec_problems(spec, model_config)
+    if problems:
+        err_console.print(f"[bold red]invalid spec[/]\n{SpecError(problems)}", highlight=False)
+        raise typer.Exit(2)
 
 
 def _memory(spec: TuningSpec, config_path: Path | None) -> MemoryCheck:

@@ -14,8 +14,18 @@ from typing import Any
 from tuneplane.backends.capabilities import backend_problems, capabilities
 from tuneplane.config import PlatformConfig, Team
 from tuneplane.errors import DataError, NotFound, Problems, SpecError
+from tuneplane.families import spec_problems
 from tuneplane.files import confined_to, may_read, pinned_folder
-from tuneplane.memory import HEADROOM, MemoryCheck, MemoryEstimate, check_memory, fits, gib, pool_gpu_memory
+from tuneplane.memory import (
+    HEADROOM,
+    MemoryCheck,
+    MemoryEstimate,
+    check_memory,
+    fits,
+    gib,
+    pool_gpu_memory,
+    read_model_config,
+)
 from tuneplane.spec import (
     TuningSpec,
     adapter_is_job_id,
@@ -88,6 +98,8 @@ def policy_problems(spec: TuningSpec, team_name: str, config: PlatformConfig) ->
     locations = _location_problems(spec, team, config)
     if not locations and capabilities(config).reads_local_paths:  # a local tasks folder is small: read it now
         problems += tasks_problems(spec, team, config, local=True)
+    if not locations:
+        problems += model_problems(spec, team, config)
     return problems + locations + memory_problems(spec, team, config)
 
 
@@ -179,6 +191,20 @@ def _every_file_readable(folder: str) -> bool:
             return True
     except OSError:  # NotAllowed included
         return False
+
+
+def model_problems(spec: TuningSpec, team: Team, config: PlatformConfig) -> Problems:
+    """What the model the spec names cannot do of what the spec asks (tuneplane.families), read from its
+    config.json where the control plane may read it; an unreadable config is no refusal here (the location
+    checks and the job's own loading say why)."""
+    if not _may_read(spec.model.base, team, config):
+        return []
+    with confined_to(config.confinement(team)):
+        try:
+            model_config = read_model_config(spec.model.base)
+        except (OSError, ValueError):
+            return []
+    return spec_problems(spec, model_config)
 
 
 def memory_check(spec: TuningSpec, team: Team, config: PlatformConfig) -> MemoryCheck:

@@ -43,6 +43,11 @@ class _MethodFacts(_Strict):
         memory estimate counts it from this one answer."""
         return None
 
+    def trained_weights_field(self) -> str:
+        """Where the settings of `trained_weights()` sit in the spec: `method` itself, or the section of a
+        method that nests them (`method.lora`). Problems with those settings name fields under it."""
+        return "method" if self.trained_weights() is self else "method.lora"
+
 
 class LoraMethod(_MethodFacts):
     type: Literal["lora"] = "lora"
@@ -57,8 +62,9 @@ class LoraMethod(_MethodFacts):
     target_modules: (
         Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=256)] | Literal["all-linear"]
     ) = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names to adapt, or 'all-linear'.",
+        "all-linear",
+        description="Module names to adapt, or 'all-linear': every linear layer of the language model, as the "
+        "model's family names them (tuneplane.families; a multimodal model's vision tower is left alone).",
     )
     modules_to_save: list[Annotated[str, Field(max_length=256)]] = Field(
         default_factory=list,

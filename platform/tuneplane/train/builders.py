@@ -14,6 +14,7 @@ import torch
 import torch.distributed
 
 from tuneplane.errors import SpecError
+from tuneplane.families import family_of, lora_target_modules
 from tuneplane.memory import checkpointing_enabled
 from tuneplane.pretrained import from_pretrained
 from tuneplane.spec import (
@@ -62,7 +63,24 @@ def load_model(
         # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs;
         # with `partial` it would run the backward through every frozen layer. (PEFT adds it back for LoRA.)
         model.disable_input_require_grads()
+    if effective_zero_stage(spec.distributed, world_size or _world_size()) == 3:
+        _moe_blocks_as_leaves(model)
     return apply_method(model, spec, adapter)
+
+
+def _moe_blocks_as_leaves(model: torch.nn.Module) -> None:
+    """Under ZeRO-3 each sparse mixture-of-experts block (tuneplane.families) is one leaf, gathered whole as its
+    forward starts: ZeRO-3 otherwise gathers a module's parameters as it is called, and the router calls only the
+    experts its tokens chose, which differ between ranks, so ranks wait on each other's gathers (DeepSpeed's
+    known MoE hang)."""
+    family = family_of(model.config.to_dict())
+    if family is None or not family.moe_blocks:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = {type(m) for m in model.modules() if type(m).__name__ in family.moe_blocks}
+    if classes:
+        set_z3_leaf_modules(model, sorted(classes, key=lambda c: c.__name__))
 
 
 def _world_size() -> int:
@@ -125,7 +143,7 @@ def apply_method(model: torch.nn.Module, spec: TuningSpec, adapter: Path | None 
             r=method.r,
             lora_alpha=method.alpha,
             lora_dropout=method.dropout,
-            target_modules=method.target_modules,
+            target_modules=lora_target_modules(method.target_modules, model.config.to_dict()),
             modules_to_save=method.modules_to_save or None,
             use_dora=method.use_dora,
             use_rslora=method.use_rslora,
