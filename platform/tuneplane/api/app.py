@@ -21,6 +21,7 @@ from tuneplane.backends import Backend, make_backend
 from tuneplane.config import PlatformConfig
 from tuneplane.control.reconciler import Reconciler
 from tuneplane.home import ensure_sqlite_folder
+from tuneplane.quiet import quiet_loggers
 from tuneplane.store import Database
 from tuneplane.tracking import auth as mlflow_auth
 
@@ -99,12 +100,5 @@ def _init_tracking(uri: str) -> None:
 
         ensure_sqlite_folder(uri)
         # MLflow announces a new database's tables at INFO (two lines on a first start): not the platform's news.
-        loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
-        levels = [logger.level for logger in loggers]
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
+        with quiet_loggers(("mlflow.store.db.utils", "alembic"), logging.WARNING):
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)

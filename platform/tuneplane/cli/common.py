@@ -60,37 +60,3 @@ def api_errors() -> Iterator[None]:
     except Exception as exc:
         err_console.print(f"[bold red]cannot reach the API[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Inside, the libraries a command calls print nothing of their own: no Python warnings (MLflow's type-hint
-    notes, transformers' deprecations), no progress bars while weights load, no library log lines below
-    errors. A job's own log keeps all of them; a user's terminal shows only the platform's lines."""
-    import logging
-    import warnings
-
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(name) for name in ("mlflow", "transformers", "peft", "huggingface_hub")]
-    levels = [logger.level for logger in loggers]
-    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Some libraries set their own filters inside (MLflow shows its type-hint note "once" whatever the
-            # caller's filter): nothing is shown while the original display function is swapped out.
-            warnings.showwarning = lambda *args, **kwargs: None
-            for logger in loggers:
-                logger.setLevel(logging.ERROR)
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-        if transformers_bars:  # each as it was before
-            hf_logging.enable_progress_bar()
-        if hub_bars:
-            enable_progress_bars()

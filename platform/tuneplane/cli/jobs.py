@@ -12,7 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit, quiet_libraries
+from tuneplane.cli.common import api_errors, app, console, err_console, load_or_exit
+from tuneplane.quiet import quiet_libraries
 from tuneplane.spec import load_spec
 
 if TYPE_CHECKING:
