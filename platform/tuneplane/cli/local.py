@@ -71,8 +71,7 @@ def validate(
 ) -> None:
     """Check a spec, estimate its memory per GPU, and preflight its data: counts, bad records (uri:line),
     lengths, masking."""
-    spec = load_or_exit("spec", load_spec, spec_path)
-    _exit_on_model_problems(spec)
+    spec = load_or_exit("spec", _load_checked_spec, spec_path)
     memory = _memory(spec, config)
     if spec_only:
         console.print(f"[green]spec ok[/]: {spec.name}")
@@ -109,21 +108,22 @@ def validate(
         raise typer.Exit(1)
 
 
-def _exit_on_model_problems(spec: TuningSpec) -> None:
-    """What the model cannot do of what the spec asks (tuneplane.families), from its config.json wherever it is
-    (the user's own files and credentials), refused as the API refuses it at submit."""
+def _load_checked_spec(path: Path) -> TuningSpec:
+    """The spec, refused (SpecError) as the API refuses it at submit where its model cannot do what it asks
+    (tuneplane.families), from the model's config.json wherever it is (the user's own files and credentials)."""
     from tuneplane.errors import SpecError
     from tuneplane.families import spec_problems
     from tuneplane.memory import read_model_config
 
+    spec = load_spec(path)
     try:
         model_config = read_model_config(spec.model.base)
     except (OSError, ValueError):
-        return  # a hub id, or unreadable: loading the tokenizer below says why
+        return spec  # a hub id, or unreadable: loading the tokenizer below says why
     problems = spec_problems(spec, model_config)
     if problems:
-        err_console.print(f"[bold red]invalid spec[/]\n{SpecError(problems)}", highlight=False)
-        raise typer.Exit(2)
+        raise SpecError(problems)
+    return spec
 
 
 def _memory(spec: TuningSpec, config_path: Path | None) -> MemoryCheck:
